@@ -1,0 +1,137 @@
+// The livethinking op library: schemas and CPU implementations.
+//
+// Schemas are declared once here; torch_bindings_cuda.cpp adds CUDA kernels for
+// the same ops, and livethinking/ops registers the fake (meta) kernels and the
+// autograd formulas from Python.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "livethinking/moe_routing.h"
+#include "routing_op_args.h"
+
+namespace livethinking::torch_ops {
+namespace {
+
+// Rows of work per parallel chunk so that each chunk touches ~64 KB.
+int64_t grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_bytes));
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& router_logits,
+                                                    int64_t top_k, bool renormalize) {
+  auto [weights, ids] = topk_softmax_outputs(router_logits, top_k);
+  const at::Tensor logits = router_logits.contiguous();
+  const int64_t num_experts = logits.size(1);
+  const DType dtype = storage_dtype(logits, "router_logits");
+  const auto* base = static_cast<const char*>(logits.data_ptr());
+  const int64_t row_bytes = num_experts * logits.element_size();
+  at::parallel_for(0, logits.size(0), grain(row_bytes), [&](int64_t begin, int64_t end) {
+    cpu::moe_topk_softmax(base + begin * row_bytes, dtype, end - begin, num_experts, top_k,
+                          renormalize, weights.data_ptr<float>() + begin * top_k,
+                          ids.data_ptr<int32_t>() + begin * top_k);
+  });
+  return {weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> align_cpu(
+    const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
+  AlignOutputs out = align_outputs(topk_ids, num_experts, block_size);
+  const at::Tensor ids = topk_ids.contiguous();
+  // A counting sort is one pass over T * k ints: serial is faster than splitting it.
+  cpu::moe_align(ids.data_ptr<int32_t>(), ids.size(0), ids.size(1), num_experts, block_size,
+                 out.sorted_ids.data_ptr<int32_t>(), out.expert_offsets.data_ptr<int32_t>(),
+                 out.block_experts.data_ptr<int32_t>(), out.num_rows_padded.data_ptr<int32_t>(),
+                 out.row_of_pair.data_ptr<int32_t>(), out.tokens_per_expert.data_ptr<int32_t>());
+  return {out.sorted_ids, out.expert_offsets, out.block_experts, out.num_rows_padded,
+          out.row_of_pair, out.tokens_per_expert};
+}
+
+at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& sorted_ids_in,
+                       const at::Tensor& row_of_pair, 
+                       const std::optional<at::Tensor>& weights_in) {
+  at::Tensor rows = permute_output(x_in, sorted_ids_in, row_of_pair, weights_in);
+  const int64_t top_k = row_of_pair.size(1);
+  const at::Tensor x = x_in.contiguous(), sorted_ids = sorted_ids_in.contiguous();
+  const std::optional<at::Tensor> weights =
+      weights_in.has_value() ? std::optional<at::Tensor>(weights_in->contiguous()) : std::nullopt;
+  const int64_t hidden = x.size(1), row_bytes = hidden * x.element_size();
+  const DType dtype = storage_dtype(x, "x");
+  auto* out = static_cast<char*>(rows.data_ptr());
+  at::parallel_for(0, rows.size(0), grain(row_bytes), [&](int64_t begin, int64_t end) {
+    cpu::moe_permute(x.data_ptr(), dtype, x.size(0), hidden, top_k,
+                     sorted_ids.data_ptr<int32_t>() + begin, end - begin, optional_ptr(weights),
+                     out + begin * row_bytes);
+  });
+  return rows;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& sorted_ids,
+                         const at::Tensor& row_of_pair_in,
+                         const std::optional<at::Tensor>& weights_in) {
+  at::Tensor out = unpermute_output(y_in, sorted_ids, row_of_pair_in, weights_in);
+  const at::Tensor y = y_in.contiguous(), row_of_pair = row_of_pair_in.contiguous();
+  const std::optional<at::Tensor> weights =
+      weights_in.has_value() ? std::optional<at::Tensor>(weights_in->contiguous()) : std::nullopt;
+  const int64_t hidden = y.size(1), top_k = row_of_pair.size(1);
+  const int64_t row_bytes = hidden * y.element_size();
+  const int64_t weight_bytes = weights.has_value() ? weights->element_size() : 0;
+  const DType dtype = storage_dtype(y, "y");
+  auto* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, out.size(0), grain(row_bytes * top_k), [&](int64_t begin, int64_t end) {
+    const void* w = weights.has_value()
+                        ? static_cast<const char*>(weights->data_ptr()) + begin * top_k * weight_bytes
+                        : nullptr;
+    cpu::moe_unpermute(y.data_ptr(), dtype, y.size(0), hidden, end - begin, top_k,
+                       row_of_pair.data_ptr<int32_t>() + begin * top_k, w, dst + begin * row_bytes);
+  });
+  return out;
+}
+
+at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
+                        const at::Tensor& row_of_pair_in) {
+  at::Tensor out = pair_dot_output(a_in, b_in, row_of_pair_in);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(),
+                   row_of_pair = row_of_pair_in.contiguous();
+  const int64_t hidden = a.size(1), top_k = row_of_pair.size(1);
+  const int64_t row_bytes = hidden * a.element_size();
+  const DType dtype = storage_dtype(a, "a");
+  auto* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, a.size(0), grain(row_bytes * top_k), [&](int64_t begin, int64_t end) {
+    cpu::moe_pair_dot(static_cast<const char*>(a.data_ptr()) + begin * row_bytes, b.data_ptr(),
+                      dtype, end - begin, b.size(0), hidden, top_k,
+                      row_of_pair.data_ptr<int32_t>() + begin * top_k,
+                      dst + begin * top_k * out.element_size());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(livethinking, m) {
+  m.def(
+      "moe_topk_softmax(Tensor router_logits, int top_k, bool renormalize=True)"
+      " -> (Tensor topk_weights, Tensor topk_ids)");
+  m.def(
+      "moe_align(Tensor topk_ids, int num_experts, int block_size)"
+      " -> (Tensor sorted_ids, Tensor expert_offsets, Tensor block_experts,"
+      " Tensor num_rows_padded, Tensor row_of_pair, Tensor tokens_per_expert)");
+  // Both directions of the alignment go to both ops: each op's gradient is the other op.
+  m.def(
+      "moe_permute(Tensor x, Tensor sorted_ids, Tensor row_of_pair, Tensor? topk_weights=None)"
+      " -> Tensor");
+  m.def(
+      "moe_unpermute(Tensor y, Tensor sorted_ids, Tensor row_of_pair, Tensor? topk_weights=None)"
+      " -> Tensor");
+  m.def("moe_pair_dot(Tensor a, Tensor b, Tensor row_of_pair) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
+  m.impl("moe_topk_softmax", &topk_softmax_cpu);
+  m.impl("moe_align", &align_cpu);
+  m.impl("moe_permute", &permute_cpu);
+  m.impl("moe_unpermute", &unpermute_cpu);
+  m.impl("moe_pair_dot", &pair_dot_cpu);
+}
+
+}  // namespace livethinking::torch_ops

@@ -1,0 +1,18 @@
+"""The public op API of livethinking: validates arguments, then runs the compiled op.
+
+Each op has a plain-PyTorch reference in :mod:`livethinking.ops.reference`.
+"""
+
+from livethinking import _extension
+from livethinking.ops.routing import (
+    MoeAlignment,
+    moe_align,
+    moe_permute,
+    moe_topk_softmax,
+    moe_unpermute,
+)
+
+if _extension.compiled_library is not None:
+    from livethinking.ops import routing_registrations  # noqa: F401  (registers fakes, autograd)
+
+__all__ = ["MoeAlignment", "moe_align", "moe_permute", "moe_topk_softmax", "moe_unpermute"]
