@@ -23,6 +23,14 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
+// For checks inside loops: the message is only built when the check fails.
+[[noreturn]] void index_error(const char* name, int64_t at, int64_t value, int64_t low,
+                              int64_t high, bool inclusive) {
+  throw std::invalid_argument(std::string(name) + "[" + std::to_string(at) + "] = " +
+                              std::to_string(value) + " is outside [" + std::to_string(low) +
+                              ", " + std::to_string(high) + (inclusive ? "]" : ")"));
+}
+
 void require_sizes(int64_t num_tokens, int64_t top_k, int64_t hidden) {
   require(num_tokens >= 0, "num_tokens must be >= 0, got " + std::to_string(num_tokens));
   require(top_k >= 1, "top_k must be >= 1, got " + std::to_string(top_k));
@@ -82,9 +90,7 @@ void permute_rows(const T* x, int64_t num_tokens, int64_t hidden, int64_t top_k,
   const int64_t num_pairs = num_tokens * top_k;
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t p = sorted_ids[r];
-    require(p >= 0 && p <= num_pairs, "sorted_ids[" + std::to_string(r) + "] = " +
-                                          std::to_string(p) + " is outside [0, " +
-                                          std::to_string(num_pairs) + "]");
+    if (p < 0 || p > num_pairs) index_error("sorted_ids", r, p, 0, num_pairs, true);
     T* out = rows + r * hidden;
     if (p == num_pairs) {
       std::fill(out, out + hidden, detail::from_compute<T>(C(0)));
@@ -110,9 +116,7 @@ void unpermute_tokens(const T* y, int64_t num_rows, int64_t hidden, int64_t num_
     for (int64_t j = 0; j < top_k; ++j) {
       const int64_t p = t * top_k + j;
       const int64_t r = row_of_pair[p];
-      require(r >= 0 && r < num_rows, "row_of_pair[" + std::to_string(p) + "] = " +
-                                          std::to_string(r) + " is outside [0, " +
-                                          std::to_string(num_rows) + ")");
+      if (r < 0 || r >= num_rows) index_error("row_of_pair", p, r, 0, num_rows, false);
       const T* in = y + r * hidden;
       const C w = weights == nullptr ? C(1) : static_cast<C>(weights[p]);
       for (int64_t h = 0; h < hidden; ++h) acc[h] += w * detail::load(in[h]);
@@ -129,9 +133,7 @@ void pair_dot_tokens(const T* a, const T* b, int64_t num_tokens, int64_t num_row
   using C = typename detail::Compute<T>::type;
   for (int64_t p = 0; p < num_tokens * top_k; ++p) {
     const int64_t r = row_of_pair[p];
-    require(r >= 0 && r < num_rows, "row_of_pair[" + std::to_string(p) + "] = " +
-                                        std::to_string(r) + " is outside [0, " +
-                                        std::to_string(num_rows) + ")");
+    if (r < 0 || r >= num_rows) index_error("row_of_pair", p, r, 0, num_rows, false);
     const T* lhs = a + (p / top_k) * hidden;
     const T* rhs = b + r * hidden;
     C sum = 0;
@@ -173,10 +175,12 @@ void moe_align(const int32_t* topk_ids, int64_t num_tokens, int64_t top_k, int64
   std::fill(tokens_per_expert, tokens_per_expert + num_experts, 0);
   for (int64_t p = 0; p < shape.num_pairs; ++p) {
     const int32_t e = topk_ids[p];
-    require(e >= 0 && e < num_experts, "topk_ids[" + std::to_string(p / top_k) + ", " +
-                                           std::to_string(p % top_k) + "] = " + std::to_string(e) +
-                                           " is outside [0, num_experts=" +
-                                           std::to_string(num_experts) + ")");
+    if (e < 0 || e >= num_experts) {
+      throw std::invalid_argument("topk_ids[" + std::to_string(p / top_k) + ", " +
+                                  std::to_string(p % top_k) + "] = " + std::to_string(e) +
+                                  " is outside [0, num_experts=" + std::to_string(num_experts) +
+                                  ")");
+    }
     ++tokens_per_expert[e];
   }
   expert_offsets[0] = 0;

@@ -93,8 +93,10 @@ def moe_permute_reference(x: torch.Tensor, sorted_ids: torch.Tensor, top_k: int,
 
 def moe_unpermute_reference(y: torch.Tensor, row_of_pair: torch.Tensor,
                             topk_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = sum_j w[t, j] * y[row_of_pair[t, j]], summed in float64 and rounded once."""
-    gathered = y.double()[row_of_pair.long()]  # (tokens, top_k, hidden)
+    """out[t] = sum_j w[t, j] * y[row_of_pair[t, j]], summed in float32 (float64 for
+    float64 y) and rounded once to y's dtype."""
+    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+    gathered = y.to(compute)[row_of_pair.long()]  # (tokens, top_k, hidden)
     if topk_weights is not None:
-        gathered = gathered * topk_weights.double()[:, :, None]
+        gathered = gathered * topk_weights.to(compute)[:, :, None]
     return gathered.sum(dim=1).to(y.dtype)
