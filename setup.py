@@ -110,7 +110,9 @@ def extension():
     ]
     include_dirs = [os.path.join(ROOT, csrc, "include"), os.path.join(ROOT, csrc, "cpu")]
     define = [f'-DLIVETHINKING_TORCH_VERSION="{torch.__version__}"']
-    cxx_flags = ["-O3"] + define  # torch picks the C++ standard its headers need
+    # torch picks the C++ standard its headers need. No contraction of a*b+c into FMA:
+    # the CPU sums round exactly like the CUDA kernels' explicit multiply-then-add.
+    cxx_flags = ["-O3", "-ffp-contract=off"] + define
     reason = cuda_build_reason()
     if reason is not None:
         message = f"livethinking: building the CPU ops only: {reason}."

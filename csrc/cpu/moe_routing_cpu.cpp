@@ -166,7 +166,8 @@ void moe_align(const int32_t* topk_ids, int64_t num_tokens, int64_t top_k, int64
                int32_t* tokens_per_expert) {
   require_sizes(num_tokens, top_k, 0);
   require(num_experts >= 1, "num_experts must be >= 1, got " + std::to_string(num_experts));
-  require(block_size >= 1, "block_size must be >= 1, got " + std::to_string(block_size));
+  require(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
+          "block_size must be in [1, 2^31 - 1], got " + std::to_string(block_size));
   const MoeAlignShape shape = moe_align_shape(num_tokens, top_k, num_experts, block_size);
   require(shape.max_rows <= std::numeric_limits<int32_t>::max(),
           "num_tokens * top_k + num_experts * (block_size - 1) must fit in int32");

@@ -76,7 +76,8 @@ inline AlignOutputs align_outputs(const at::Tensor& topk_ids, int64_t num_expert
                                   int64_t block_size) {
   check_index(topk_ids, "topk_ids", 2);
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK(block_size >= 1, "block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(block_size >= 1 && block_size <= INT32_MAX, "block_size must be in [1, 2^31 - 1], got ",
+              block_size);
   const int64_t t = topk_ids.size(0), k = topk_ids.size(1);
   TORCH_CHECK(k >= 1, "topk_ids must have at least one column (top_k >= 1)");
   TORCH_CHECK(k <= num_experts, "top_k (topk_ids.shape[1] = ", k, ") must be <= num_experts (",
@@ -144,8 +145,10 @@ inline at::Tensor pair_dot_output(const at::Tensor& a, const at::Tensor& b,
   return at::empty({a.size(0), row_of_pair.size(1)}, a.options().dtype(weight_dtype(a.scalar_type())));
 }
 
-inline const void* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
 }
+
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 }  // namespace livethinking::torch_ops

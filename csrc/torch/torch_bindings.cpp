@@ -53,14 +53,13 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& sorted_ids_in,
   at::Tensor rows = permute_output(x_in, sorted_ids_in, row_of_pair, weights_in);
   const int64_t top_k = row_of_pair.size(1);
   const at::Tensor x = x_in.contiguous(), sorted_ids = sorted_ids_in.contiguous();
-  const std::optional<at::Tensor> weights =
-      weights_in.has_value() ? std::optional<at::Tensor>(weights_in->contiguous()) : std::nullopt;
+  const at::Tensor weights = contiguous_or_undefined(weights_in);
   const int64_t hidden = x.size(1), row_bytes = hidden * x.element_size();
   const DType dtype = storage_dtype(x, "x");
   auto* out = static_cast<char*>(rows.data_ptr());
   at::parallel_for(0, rows.size(0), grain(row_bytes), [&](int64_t begin, int64_t end) {
     cpu::moe_permute(x.data_ptr(), dtype, x.size(0), hidden, top_k,
-                     sorted_ids.data_ptr<int32_t>() + begin, end - begin, optional_ptr(weights),
+                     sorted_ids.data_ptr<int32_t>() + begin, end - begin, data_or_null(weights),
                      out + begin * row_bytes);
   });
   return rows;
@@ -71,16 +70,15 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& sorted_ids,
                          const std::optional<at::Tensor>& weights_in) {
   at::Tensor out = unpermute_output(y_in, sorted_ids, row_of_pair_in, weights_in);
   const at::Tensor y = y_in.contiguous(), row_of_pair = row_of_pair_in.contiguous();
-  const std::optional<at::Tensor> weights =
-      weights_in.has_value() ? std::optional<at::Tensor>(weights_in->contiguous()) : std::nullopt;
+  const at::Tensor weights = contiguous_or_undefined(weights_in);
   const int64_t hidden = y.size(1), top_k = row_of_pair.size(1);
   const int64_t row_bytes = hidden * y.element_size();
-  const int64_t weight_bytes = weights.has_value() ? weights->element_size() : 0;
+  const int64_t weight_bytes = weights.defined() ? weights.element_size() : 0;
   const DType dtype = storage_dtype(y, "y");
   auto* dst = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, out.size(0), grain(row_bytes * top_k), [&](int64_t begin, int64_t end) {
-    const void* w = weights.has_value()
-                        ? static_cast<const char*>(weights->data_ptr()) + begin * top_k * weight_bytes
+    const void* w = weights.defined()
+                        ? static_cast<const char*>(weights.data_ptr()) + begin * top_k * weight_bytes
                         : nullptr;
     cpu::moe_unpermute(y.data_ptr(), dtype, y.size(0), hidden, end - begin, top_k,
                        row_of_pair.data_ptr<int32_t>() + begin * top_k, w, dst + begin * row_bytes);

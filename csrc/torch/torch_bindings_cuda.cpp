@@ -21,10 +21,6 @@ void check_status(int status, const char* op) {
               cuda::error_string(status));
 }
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& router_logits,
                                                      int64_t top_k, bool renormalize) {
   const c10::cuda::CUDAGuard guard(router_logits.device());
@@ -68,10 +64,10 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& sorted_ids_in,
   at::Tensor rows = permute_output(x_in, sorted_ids_in, row_of_pair, weights_in);
   const int64_t top_k = row_of_pair.size(1);
   const at::Tensor x = x_in.contiguous(), sorted_ids = sorted_ids_in.contiguous();
-  const auto weights = contiguous(weights_in);
+  const at::Tensor weights = contiguous_or_undefined(weights_in);
   check_status(cuda::moe_permute(x.data_ptr(), storage_dtype(x, "x"), x.size(0), x.size(1), top_k,
                                  sorted_ids.data_ptr<int32_t>(), sorted_ids.size(0),
-                                 optional_ptr(weights), rows.data_ptr(), current_stream(x)),
+                                 data_or_null(weights), rows.data_ptr(), current_stream(x)),
                "moe_permute");
   return rows;
 }
@@ -82,10 +78,10 @@ at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& sorted_ids,
   const c10::cuda::CUDAGuard guard(y_in.device());
   at::Tensor out = unpermute_output(y_in, sorted_ids, row_of_pair_in, weights_in);
   const at::Tensor y = y_in.contiguous(), row_of_pair = row_of_pair_in.contiguous();
-  const auto weights = contiguous(weights_in);
+  const at::Tensor weights = contiguous_or_undefined(weights_in);
   check_status(cuda::moe_unpermute(y.data_ptr(), storage_dtype(y, "y"), y.size(0), y.size(1),
                                    row_of_pair.size(0), row_of_pair.size(1),
-                                   row_of_pair.data_ptr<int32_t>(), optional_ptr(weights),
+                                   row_of_pair.data_ptr<int32_t>(), data_or_null(weights),
                                    out.data_ptr(), current_stream(y)),
                "moe_unpermute");
   return out;

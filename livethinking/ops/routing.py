@@ -148,7 +148,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int = 1) -> 
     if top_k < 1 or top_k > num_experts:
         raise ValueError(f"top_k = topk_ids.shape[1] must be in [1, num_experts={num_experts}], "
                          f"got {top_k}")
-    _check_int(block_size, "block_size", 1)
+    _check_int(block_size, "block_size", 1, 2**31 - 1)
     if topk_ids.is_cuda and num_experts > MAX_CUDA_EXPERTS:
         raise ValueError(f"num_experts must be <= {MAX_CUDA_EXPERTS} on CUDA, got {num_experts}")
     _extension.require_compiled(topk_ids.device)

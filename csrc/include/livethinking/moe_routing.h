@@ -14,9 +14,16 @@
 //   * Floating-point sums accumulate in float (double for kFloat64) in a fixed
 //     order: results are deterministic and independent of thread count.
 //
-// Errors: invalid sizes or out-of-range indices throw std::invalid_argument
-// (CPU) or make the kernel trap (CUDA; no host synchronisation is ever done).
-// CUDA functions return the launch status (cudaSuccess when all went well).
+//   * Sizes: num_tokens >= 0, 1 <= top_k <= num_experts, 1 <= block_size < 2^31,
+//     hidden >= 0. A null topk_weights means every weight is 1.
+//   * NaN logits rank in an unspecified place (the CUDA kernels rank them last).
+//
+// Errors: invalid sizes throw std::invalid_argument (CPU and CUDA). Out-of-range
+// indices read from device memory throw std::invalid_argument on the CPU and make
+// the CUDA kernel trap (no host synchronisation is ever done to check them), which
+// leaves the CUDA context unusable, as a device-side assert does. CUDA functions
+// return cudaGetLastError() after their launches: cudaSuccess when all went well
+// (an earlier, unrelated error still pending in the context is returned too).
 #pragma once
 
 #include <cstddef>
