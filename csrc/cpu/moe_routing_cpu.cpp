@@ -35,8 +35,10 @@ void require_sizes(int64_t num_tokens, int64_t top_k, int64_t hidden) {
   require(num_tokens >= 0, "num_tokens must be >= 0, got " + std::to_string(num_tokens));
   require(top_k >= 1, "top_k must be >= 1, got " + std::to_string(top_k));
   require(hidden >= 0, "hidden must be >= 0, got " + std::to_string(hidden));
-  require(num_tokens * top_k <= std::numeric_limits<int32_t>::max(),
-          "num_tokens * top_k must fit in int32");
+  // Checked by division: the product itself may overflow int64.
+  require(num_tokens <= std::numeric_limits<int32_t>::max() / top_k,
+          "num_tokens * top_k must fit in int32, got " + std::to_string(num_tokens) + " x " +
+              std::to_string(top_k));
 }
 
 // Calls fn(T{}) with T the storage type of dtype.
@@ -166,6 +168,8 @@ void moe_align(const int32_t* topk_ids, int64_t num_tokens, int64_t top_k, int64
                int32_t* tokens_per_expert) {
   require_sizes(num_tokens, top_k, 0);
   require(num_experts >= 1, "num_experts must be >= 1, got " + std::to_string(num_experts));
+  require(top_k <= num_experts, "top_k must be in [1, num_experts=" + std::to_string(num_experts) +
+                                    "], got " + std::to_string(top_k));
   require(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
           "block_size must be in [1, 2^31 - 1], got " + std::to_string(block_size));
   const MoeAlignShape shape = moe_align_shape(num_tokens, top_k, num_experts, block_size);

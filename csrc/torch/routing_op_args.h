@@ -82,6 +82,7 @@ inline AlignOutputs align_outputs(const at::Tensor& topk_ids, int64_t num_expert
   TORCH_CHECK(k >= 1, "topk_ids must have at least one column (top_k >= 1)");
   TORCH_CHECK(k <= num_experts, "top_k (topk_ids.shape[1] = ", k, ") must be <= num_experts (",
               num_experts, ")");
+  TORCH_CHECK(t <= INT32_MAX / k, "moe_align: ", t, " tokens x top_k ", k, " overflow int32 pair indices");
   const MoeAlignShape shape = moe_align_shape(t, k, num_experts, block_size);
   TORCH_CHECK(shape.max_rows <= INT32_MAX, "moe_align: ", t, " tokens x top_k ", k,
               " with block_size ", block_size, " overflow int32 row indices");

@@ -85,10 +85,11 @@ def _topk_softmax_backward(ctx, grad_weights, _grad_ids):
     return grad_logits.to(ctx.logits_dtype), None, None
 
 
-def _permute_setup(ctx, inputs, output):
-    x, sorted_ids, row_of_pair, topk_weights = inputs
+def _routing_setup(ctx, inputs, output):
+    """Both permute and unpermute take (data, sorted_ids, row_of_pair, topk_weights)."""
+    data, sorted_ids, row_of_pair, topk_weights = inputs
     ctx.has_weights = topk_weights is not None
-    ctx.save_for_backward(x, sorted_ids, row_of_pair, topk_weights)
+    ctx.save_for_backward(data, sorted_ids, row_of_pair, topk_weights)
 
 
 def _permute_backward(ctx, grad_rows):
@@ -101,12 +102,6 @@ def _permute_backward(ctx, grad_rows):
     if ctx.has_weights and ctx.needs_input_grad[3]:
         grad_weights = torch.ops.livethinking.moe_pair_dot(x, grad_rows, row_of_pair)
     return grad_x, None, None, grad_weights
-
-
-def _unpermute_setup(ctx, inputs, output):
-    y, sorted_ids, row_of_pair, topk_weights = inputs
-    ctx.has_weights = topk_weights is not None
-    ctx.save_for_backward(y, sorted_ids, row_of_pair, topk_weights)
 
 
 def _unpermute_backward(ctx, grad_out):
@@ -123,6 +118,6 @@ def _unpermute_backward(ctx, grad_out):
 torch.library.register_autograd(_LIB + "moe_topk_softmax", _topk_softmax_backward,
                                 setup_context=_topk_softmax_setup)
 torch.library.register_autograd(_LIB + "moe_permute", _permute_backward,
-                                setup_context=_permute_setup)
+                                setup_context=_routing_setup)
 torch.library.register_autograd(_LIB + "moe_unpermute", _unpermute_backward,
-                                setup_context=_unpermute_setup)
+                                setup_context=_routing_setup)
