@@ -112,7 +112,9 @@ def extension():
     define = [f'-DLIVETHINKING_TORCH_VERSION="{torch.__version__}"']
     # torch picks the C++ standard its headers need. No contraction of a*b+c into FMA:
     # the CPU sums round exactly like the CUDA kernels' explicit multiply-then-add.
-    cxx_flags = ["-O3", "-ffp-contract=off"] + define
+    # -fopenmp: torch's at::parallel_for is an OpenMP pragma in a header, so without
+    # it the CPU ops silently run on one thread.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + define
     reason = cuda_build_reason()
     if reason is not None:
         message = f"livethinking: building the CPU ops only: {reason}."
@@ -120,7 +122,7 @@ def extension():
             raise RuntimeError(message + " LIVETHINKING_REQUIRE_CUDA=1 forbids that.")
         warnings.warn(message, stacklevel=1)
         return CppExtension("livethinking._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
     sources += [
         os.path.join(csrc, "cuda", "moe_routing_cuda.cu"),
@@ -134,7 +136,8 @@ def extension():
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     return CUDAExtension("livethinking._C", sources,
                          include_dirs=include_dirs + wheel_cuda_includes(),
-                         extra_compile_args={"cxx": cxx_flags + cuda_define, "nvcc": nvcc_flags})
+                         extra_compile_args={"cxx": cxx_flags + cuda_define, "nvcc": nvcc_flags},
+                         extra_link_args=["-fopenmp"])
 
 
 setup(
