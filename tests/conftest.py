@@ -1,28 +1,27 @@
 """Shared test setup.
 
 TRITON_INTERPRET must be set before any module applies @triton.jit, so it is set
-here, first. Tests run with --import-mode=importlib: the repository root is never
+here, before the tests import anything of livethinking. Tests run with --import-mode=importlib: the repository root is never
 put on sys.path, so they exercise the installed package.
 """
 
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LIVETHINKING_TEST_GPU") else "1")
+import torch
+
+# Interpret Triton on CPU tensors where no GPU exists (torch itself applies no
+# @triton.jit at import, so deciding after importing it is early enough).
+HAS_CUDA = torch.cuda.is_available()
+os.environ.setdefault("TRITON_INTERPRET", "0" if HAS_CUDA else "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-EPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
-       torch.bfloat16: 2.0**-8}  # unit roundoff of each dtype
 
 
 def pytest_collection_modifyitems(config, items):

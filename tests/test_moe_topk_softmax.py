@@ -1,7 +1,5 @@
 """moe_topk_softmax against a float64 reference, over awkward sizes, dtypes and ties."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import given
@@ -128,8 +126,3 @@ def test_opcheck(requires_grad, generator):
     torch.library.opcheck(torch.ops.livethinking.moe_topk_softmax.default, (logits, 3, True))
     torch.library.opcheck(torch.ops.livethinking.moe_topk_softmax.default, (logits, 3, False))
 
-
-def test_weight_budget_is_tight_enough():
-    # The budget must be far below a wrong answer: a single ulp of bf16 is 2^16 x u32.
-    logits = torch.randn(4, 128)
-    assert weight_budget(logits, 8).max() < 1e3 * U32 < 2.0**-8 / math.e
