@@ -4,6 +4,7 @@ Each op has a plain-PyTorch reference in :mod:`livethinking.ops.reference`.
 """
 
 from livethinking import _extension
+from livethinking.ops.moe_layer import fused_moe
 from livethinking.ops.routing import (
     MoeAlignment,
     moe_align,
@@ -15,4 +16,5 @@ from livethinking.ops.routing import (
 if _extension.compiled_library is not None:
     from livethinking.ops import routing_registrations  # noqa: F401  (registers fakes, autograd)
 
-__all__ = ["MoeAlignment", "moe_align", "moe_permute", "moe_topk_softmax", "moe_unpermute"]
+__all__ = ["MoeAlignment", "fused_moe", "moe_align", "moe_permute", "moe_topk_softmax",
+           "moe_unpermute"]

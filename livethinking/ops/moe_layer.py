@@ -1,0 +1,48 @@
+"""The fused MoE expert layer, dispatched per device.
+
+CUDA: the Triton kernels of ``livethinking.kernels.fused_moe`` (gather in the first
+GEMM, SiLU·mul epilogue, deterministic combine), routed by the C++ ``moe_align``.
+CPU: the C++ routing ops around one matmul pair per expert that receives tokens (on
+the CPU reading the per-expert counts costs nothing), differentiable end to end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from livethinking.kernels import fused_moe as triton_moe
+from livethinking.ops.routing import moe_align, moe_permute, moe_unpermute
+
+__all__ = ["fused_moe"]
+
+
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_j w[t, j] · W_down[e] (silu(W_gate[e] x[t]) ⊙ W_up[e] x[t]), e = topk_ids[t, j].
+
+    x (T, H); w_gate_up (E, 2I, H) with the gate rows first and w_down (E, H, I), as
+    transformers' Qwen3-MoE stores them; topk_weights, topk_ids (T, k). fp32
+    accumulation; output in x's dtype. Differentiable in x, both weights and
+    topk_weights (so the router trains).
+    """
+    triton_moe.check_fused_moe_inputs(x, w_gate_up, w_down, topk_weights, topk_ids)
+    num_experts = w_gate_up.shape[0]
+    alignment = moe_align(topk_ids, num_experts, 1)
+    if x.is_cuda:
+        routing = (alignment.sorted_ids, alignment.expert_offsets, alignment.row_of_pair)
+        return triton_moe.fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, routing=routing)
+    return _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment)
+
+
+def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment):
+    rows = moe_permute(x, alignment)  # (T·k, H), grouped by expert
+    counts = alignment.tokens_per_expert.tolist()
+    outputs = []
+    for expert, expert_rows in enumerate(torch.split(rows, counts)):
+        if expert_rows.shape[0] == 0:
+            continue
+        gate, up = F.linear(expert_rows, w_gate_up[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, w_down[expert]))  # (rows_e, H)
+    y = torch.cat(outputs) if outputs else rows.new_zeros(0, w_down.shape[1])
+    return moe_unpermute(y, alignment, topk_weights)

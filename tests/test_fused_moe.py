@@ -1,0 +1,218 @@
+"""The fused MoE layer: Triton kernels (interpreted here) and the CPU path of livethinking.ops.
+
+Forward and every gradient against a float64 per-expert loop; error budgets relative to
+what plain PyTorch makes in the same dtype; parity with transformers' Qwen3-MoE block.
+"""
+
+import ast
+import importlib.util
+import os
+import uuid
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import livethinking.kernels
+from livethinking import ops
+from livethinking.kernels.fused_moe import fused_moe, fused_moe_reference, moe_routing
+
+HIDDEN, INTERMEDIATE = 40, 24  # not multiples of the interpreter's 32-wide blocks
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def layer_inputs(num_tokens, num_experts, top_k, generator, dtype=torch.float32, dead=0.5,
+                 hidden=HIDDEN, intermediate=INTERMEDIATE):
+    """x, weights and a routing in which a fraction ``dead`` of the experts gets no token."""
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    w_gate_up = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
+    w_down = torch.randn(num_experts, hidden, intermediate, generator=generator) / intermediate**0.5
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    live = max(top_k, int(num_experts * (1 - dead)))
+    logits[:, live:] -= 1e4
+    topk_weights, topk_ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+    return x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype), topk_weights, topk_ids
+
+
+def plain_layer(x, w_gate_up, w_down, topk_weights, topk_ids):
+    """The layer as plain PyTorch computes it in the inputs' own dtype (the error yardstick)."""
+    out = torch.zeros_like(x)
+    for expert in range(w_gate_up.shape[0]):
+        token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)
+        gate, up = F.linear(x[token], w_gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_down[expert])
+        out = out.index_add(0, token, y * topk_weights[token, slot, None].to(x.dtype))
+    return out
+
+
+def run_with_grads(fn, inputs, upstream, topk_ids):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves, topk_ids)
+    if out.requires_grad:  # an empty batch may build no graph at all
+        out.backward(upstream.to(out.dtype))
+    return [out.detach()] + [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+                             for leaf in leaves]
+
+
+def assert_within_plain_budget(fn, inputs, topk_ids, generator, factor=2.0):
+    """Output and gradients of ``fn``: error vs float64 at most ``factor`` × plain PyTorch's
+    error in the same dtype, plus a few units of the dtype's roundoff of the result's scale."""
+    dtype = inputs[0].dtype
+    upstream = torch.randn(inputs[0].shape, generator=generator).to(inputs[0].device)
+    exact = run_with_grads(fused_moe_reference, [t.double() for t in inputs], upstream.double(),
+                           topk_ids)
+    plain = run_with_grads(plain_layer, inputs, upstream, topk_ids)
+    ours = run_with_grads(fn, inputs, upstream, topk_ids)
+    names = ["out", "d x", "d w_gate_up", "d w_down", "d topk_weights"]
+    for name, o, p, e in zip(names, ours, plain, exact):
+        assert o.shape == e.shape and o.dtype == p.dtype, name
+        assert torch.isfinite(o).all(), name
+        ours_error = (o.double() - e).abs().amax().item() if e.numel() else 0.0
+        plain_error = (p.double() - e).abs().amax().item() if e.numel() else 0.0
+        floor = 8 * EPS[dtype] * (e.abs().amax().item() if e.numel() else 0.0)
+        assert ours_error <= factor * plain_error + floor, (name, ours_error, plain_error, floor)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 97])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 1), (8, 2), (8, 8), (60, 2), (60, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernels_match_float64(num_tokens, num_experts, top_k, dtype, generator):
+    inputs = layer_inputs(num_tokens, num_experts, top_k, generator, dtype)
+    assert_within_plain_budget(fused_moe, inputs[:4], inputs[4], generator)
+
+
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 1), (1, 8), (3, 2)])
+def test_decode_kernel_matches_float64(num_tokens, top_k, generator):
+    inputs = layer_inputs(num_tokens, 60, top_k, generator)
+
+    def decode(*args):
+        return fused_moe(*args, tile_config=dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64))
+
+    assert_within_plain_budget(decode, inputs[:4], inputs[4], generator)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 97])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_matches_float64(num_tokens, num_experts, top_k, dtype, generator):
+    inputs = layer_inputs(num_tokens, num_experts, top_k, generator, dtype)
+    assert_within_plain_budget(ops.fused_moe, inputs[:4], inputs[4], generator)
+
+
+def test_routing_matches_the_cpp_alignment(generator):
+    *_, topk_ids = layer_inputs(97, 60, 8, generator)
+    sorted_pairs, offsets, row_of_pair = moe_routing(topk_ids, 60)
+    alignment = ops.moe_align(topk_ids, 60, 1)
+    assert torch.equal(sorted_pairs, alignment.sorted_ids)
+    assert torch.equal(offsets, alignment.expert_offsets)
+    assert torch.equal(row_of_pair, alignment.row_of_pair)
+
+
+def test_weight_gradients_of_unused_experts_are_exactly_zero(generator):
+    x, w_gate_up, w_down, topk_weights, topk_ids = layer_inputs(13, 8, 2, generator, dead=0.75)
+    used = torch.zeros(8, dtype=torch.bool)
+    used[topk_ids.unique()] = True
+    assert not used.all()
+    for fn in (fused_moe, ops.fused_moe):
+        grads = run_with_grads(fn, [x, w_gate_up, w_down, topk_weights],
+                               torch.randn(13, HIDDEN, generator=generator), topk_ids)
+        for grad in grads[2:4]:
+            assert torch.equal(grad[~used], torch.zeros_like(grad[~used]))
+            assert torch.all(grad[used].abs().amax(dim=(1, 2)) > 0)
+
+
+def test_deterministic(generator):
+    inputs = layer_inputs(97, 8, 2, generator)
+    upstream = torch.randn(97, HIDDEN, generator=generator)
+    first = run_with_grads(fused_moe, inputs[:4], upstream, inputs[4])
+    second = run_with_grads(fused_moe, inputs[:4], upstream, inputs[4])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("implementation", ["triton", "cpu"])
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_parity_with_transformers_qwen3_moe_block(implementation, norm_topk_prob, generator):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob)
+    config._experts_implementation = "eager"
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    x = torch.randn(2, 11, HIDDEN, generator=generator)
+    upstream = torch.randn(2, 11, HIDDEN, generator=generator)
+
+    x_theirs = x.clone().requires_grad_()
+    block(x_theirs).backward(upstream)
+    theirs = [x_theirs.grad] + [p.grad for p in (block.gate.weight, block.experts.gate_up_proj,
+                                                 block.experts.down_proj)]
+    expected = block(x).detach()
+
+    gate = block.gate.weight.detach().clone().requires_grad_()
+    gate_up = block.experts.gate_up_proj.detach().clone().requires_grad_()
+    down = block.experts.down_proj.detach().clone().requires_grad_()
+    x_ours = x.clone().requires_grad_()
+    flat = x_ours.reshape(-1, HIDDEN)
+    weights, ids = ops.moe_topk_softmax(F.linear(flat, gate), 2, norm_topk_prob)
+    layer = fused_moe if implementation == "triton" else ops.fused_moe
+    out = layer(flat, gate_up, down, weights, ids).reshape(x.shape)
+    out.backward(upstream)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-5 * expected.abs().max())
+    for name, ours, reference in zip(["x", "gate", "gate_up_proj", "down_proj"],
+                                     [x_ours.grad, gate.grad, gate_up.grad, down.grad], theirs):
+        assert torch.allclose(ours, reference, rtol=0, atol=1e-5 * reference.abs().max()), name
+
+
+def test_kernel_file_stands_alone():
+    path = os.path.join(livethinking.kernels.__path__[0], "fused_moe.py")
+    tree = ast.parse(open(path).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"torch", "triton", "os", "__future__"}, imported
+    spec = importlib.util.spec_from_file_location(f"vendored_{uuid.uuid4().hex}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inputs = layer_inputs(5, 8, 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(module.fused_moe(*inputs), fused_moe_reference(*inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [fused_moe, ops.fused_moe], ids=["triton", "ops"])
+def test_bad_input(layer, generator):
+    x, w_gate_up, w_down, topk_weights, topk_ids = layer_inputs(5, 8, 2, generator)
+    cases = [
+        ((x[0], w_gate_up, w_down, topk_weights, topk_ids), ValueError, r"x must be 2-D \(tokens, hidden\)"),
+        ((x, w_gate_up[:, :, :7], w_down, topk_weights, topk_ids), ValueError,
+         r"w_gate_up must have shape \(E, 2I, 40\)"),
+        ((x, w_gate_up, w_down[:, :, :5], topk_weights, topk_ids), ValueError,
+         r"w_down must have shape \(8, 40, 24\)"),
+        ((x, w_gate_up.half(), w_down, topk_weights, topk_ids), TypeError,
+         r"w_gate_up must have x's dtype torch.float32"),
+        ((x.double(), w_gate_up.double(), w_down.double(), topk_weights, topk_ids), TypeError,
+         r"x must be float32, float16 or bfloat16"),
+        ((x, w_gate_up, w_down, topk_weights[:, :1], topk_ids), ValueError,
+         r"topk_weights and topk_ids must both have shape \(5, top_k\)"),
+        ((x, w_gate_up, w_down, topk_weights, topk_ids.float()), TypeError,
+         r"topk_ids must be int32 or int64"),
+        ((x, w_gate_up.to("meta"), w_down, topk_weights, topk_ids), ValueError,
+         r"w_gate_up is on meta but x is on cpu"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            layer(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64, 512, 4096])
+def test_bf16_real_shapes_on_gpu(num_tokens, generator):
+    """Qwen3-30B-A3B layer shapes in bf16: ours within 2x plain PyTorch bf16's error."""
+    inputs = layer_inputs(num_tokens, 128, 8, generator, torch.bfloat16, dead=0.0,
+                          hidden=2048, intermediate=768)
+    inputs = [t.cuda() for t in inputs]
+    assert_within_plain_budget(ops.fused_moe, inputs[:4], inputs[4], generator)
