@@ -224,6 +224,35 @@ def _combine_kernel(y_ptr, row_of_pair_ptr, weight_ptr, out_ptr, H, top_k,
              mask=mask)
 
 
+@triton.jit
+def _silu_mul_backward_kernel(pre_ptr, dh_ptr, sorted_ptr, weight_ptr, h_ptr, d_pre_ptr, dot_ptr,
+                              I, stride_pre, stride_dh, BLOCK_I: tl.constexpr):
+    # One pass per row r over the recomputed pre-activations (g, u) and dh = dout·W_down:
+    #   h = silu(g) u;  <dh, h> (the routing weight's gradient);  with w = weight[pair(r)]:
+    #   d g = w dh u σ(g)(1 + g(1 − σ(g))),  d u = w dh silu(g)
+    # pre, d_pre: (rows, 2I) gate then up; dh, h: (rows, I); dot: (rows,) fp32
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.load(weight_ptr + tl.load(sorted_ptr + row))
+    dot = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + tl.arange(0, BLOCK_I)
+        mask = cols < I
+        g = tl.load(pre_ptr + row * stride_pre + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptr + row * stride_pre + I + cols, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        silu = g * sig
+        h = (silu * u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * I + cols, h, mask=mask)
+        dot += dh * h.to(tl.float32)
+        dh = dh * w
+        tl.store(d_pre_ptr + row * 2 * I + cols,
+                 (dh * u * sig * (1.0 + g * (1.0 - sig))).to(d_pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_pre_ptr + row * 2 * I + I + cols, (dh * silu).to(d_pre_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(dot_ptr + row, tl.sum(dot, axis=0))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -316,6 +345,22 @@ def _combine(y, row_of_pair, weights, num_tokens, out_dtype):
     return out
 
 
+def _silu_mul_backward(pre, dh, sorted_pairs, topk_weights):
+    """(h (rows, I), d_pre (rows, 2I), <dh, h> per row (rows,) fp32) in one pass."""
+    num_rows, intermediate = dh.shape
+    h = torch.empty_like(dh)
+    d_pre = torch.empty_like(pre)
+    dot = torch.empty(num_rows, dtype=torch.float32, device=dh.device)
+    if num_rows and intermediate:
+        block_i = min(1024, triton.next_power_of_2(intermediate))
+        _silu_mul_backward_kernel[(num_rows,)](pre, dh, sorted_pairs, topk_weights, h, d_pre, dot,
+                                               intermediate, pre.stride(0), dh.stride(0),
+                                               BLOCK_I=block_i)
+    elif num_rows:
+        dot.zero_()
+    return h, d_pre, dot
+
+
 def _configs(x: torch.Tensor, num_rows: int, override: dict | None) -> tuple[dict, dict]:
     """(config of the row GEMMs, config of the weight-gradient GEMMs)."""
     if _interpreting(x):
@@ -351,19 +396,14 @@ class _FusedMoe(torch.autograd.Function):
         gemm_config, grad_config = _configs(x, num_rows, ctx.tile_config)
         # recompute the gate/up pre-activations (rows, 2I) rather than keep them
         pre = _expert_gemm(x, w_gate_up, False, routing, num_rows, top_k, True, False, gemm_config)
-        gate, up = pre.float().chunk(2, dim=1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        h = (silu * up).to(x.dtype)  # (rows, I), as the forward computed it
         # dh_unweighted[r] = dout[token(r)] @ W_down[e]  (rows, I)
         dh = _expert_gemm(grad_out, w_down, True, routing, num_rows, top_k, True, False, gemm_config)
-        row_weight = topk_weights.reshape(-1)[sorted_pairs.long()].float()  # (rows,)
+        h, d_pre, per_row = _silu_mul_backward(pre, dh, sorted_pairs, topk_weights)
+        del pre, dh
         grad_weights = None
-        if ctx.needs_input_grad[3]:
-            per_row = (dh.float() * h.float()).sum(dim=1)  # <dout, y[r]> = <dh, h>
+        if ctx.needs_input_grad[3]:  # d w[t, j] = <dout[t], y[row]> = <dh, h>[row]
             grad_weights = per_row[row_of_pair.long()].to(topk_weights.dtype)
-        dh = dh.float() * row_weight[:, None]
-        d_pre = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * silu], dim=1).to(x.dtype)
+        row_weight = topk_weights.reshape(-1)[sorted_pairs.long()]  # (rows,) fp32
         grad_w_down = grad_w_gate_up = grad_x = None
         if ctx.needs_input_grad[2]:  # dW_down[e] = Σ_r (w_r dout[token r])ᵀ h[r]
             grad_w_down = _expert_weight_grad(grad_out, h, row_weight, routing, num_experts, top_k,
