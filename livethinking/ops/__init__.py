@@ -4,6 +4,8 @@ Each op has a plain-PyTorch reference in :mod:`livethinking.ops.reference`.
 """
 
 from livethinking import _extension
+from livethinking.ops.grpo import fused_linear_grpo_loss, group_advantages
+from livethinking.ops.logprobs import fused_linear_logprobs
 from livethinking.ops.moe_layer import fused_moe
 from livethinking.ops.routing import (
     MoeAlignment,
@@ -16,5 +18,14 @@ from livethinking.ops.routing import (
 if _extension.compiled_library is not None:
     from livethinking.ops import routing_registrations  # noqa: F401  (registers fakes, autograd)
 
-__all__ = ["MoeAlignment", "fused_moe", "moe_align", "moe_permute", "moe_topk_softmax",
-           "moe_unpermute"]
+__all__ = [
+    "MoeAlignment",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprobs",
+    "fused_moe",
+    "group_advantages",
+    "moe_align",
+    "moe_permute",
+    "moe_topk_softmax",
+    "moe_unpermute",
+]

@@ -1,0 +1,198 @@
+"""The GRPO family of policy losses from hidden states, and group-normalised advantages.
+
+For completion tokens with current log-prob ``logp`` (from ``fused_linear_logprobs``:
+no N×V logits), old log-prob ``old`` (``None``: on-policy, old = logp detached) and
+advantage A:
+
+    l = logp − old              per token, or (GSPO, importance_sampling_level="sequence")
+                                the masked mean of l over the sequence, on each of its tokens
+    r = exp(l)
+    loss_t = −min(min(r, δ)·A, clamp(r, 1 − ε_low, 1 + ε_high)·A)      (δ = ∞ unless given)
+    cispo:  loss_t = −sg(min(r, 1 + ε_high))·A·logp
+    loss_t *= rollout_is_weights                                      (when given)
+    loss_t += β·KL_t(logp ‖ ref)   k1: logp − ref,  k2: ½(logp − ref)²,  k3: e^(ref−logp) − (ref−logp) − 1
+
+aggregated over the completion mask: grpo (mean per sequence, then over sequences),
+bnpo (sum / masked tokens), dr_grpo (sum / (B · max_completion_length)), dapo and cispo
+(sum / num_items_in_batch, default the local masked-token count). The token-level
+math costs O(B·T); the vocabulary pass is the fused log-prob op, whose backward takes
+the gradient of this loss with respect to logp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from livethinking.ops.logprobs import fused_linear_logprobs
+
+__all__ = ["fused_linear_grpo_loss", "group_advantages", "LOSS_TYPES"]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IS_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    diff = ref - logp
+    if estimator == "k1":
+        return -diff
+    if estimator == "k2":
+        return 0.5 * diff**2
+    return torch.exp(diff) - diff - 1
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages, *,
+                           old_logprobs=None, ref_logprobs=None, bias=None, temperature=1.0,
+                           beta=0.0, epsilon_low=0.2, epsilon_high=None, delta=None,
+                           loss_type="dapo", importance_sampling_level="token",
+                           max_completion_length=None, num_items_in_batch=None, kl_estimator="k3",
+                           rollout_is_weights=None):
+    """GRPO-family policy loss (see the module docstring) of completions given as hidden
+    states (B, T, H) under the lm_head ``weight`` (V, H) [+ ``bias``].
+
+    Returns (loss, stats): a scalar float32 loss differentiable in hidden, weight and bias,
+    and a dict of detached statistics: ``logprobs`` (B, T) float32 (0 where the mask is 0:
+    those rows cost no GEMM work), ``entropy``, ``kl``,
+    ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` and ``ratio`` (masked means).
+    """
+    batch, length = _check(hidden, weight, targets, completion_mask, advantages, old_logprobs,
+                           ref_logprobs, beta, epsilon_low, loss_type, importance_sampling_level,
+                           kl_estimator, rollout_is_weights, delta, max_completion_length)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(torch.float32)
+    logp, entropy = fused_linear_logprobs(
+        hidden.reshape(batch * length, -1), weight, targets.reshape(-1), bias=bias,
+        temperature=temperature, return_entropy=True, row_mask=completion_mask.reshape(-1).bool())
+    logp, entropy = logp.reshape(batch, length), entropy.detach().reshape(batch, length)
+    adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
+
+    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    log_ratio = logp - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True)
+                     / mask.sum(-1, keepdim=True).clamp(min=1)).expand(batch, length)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logp
+    else:
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(unclipped * adv, clipped * adv)
+    if rollout_is_weights is not None:
+        per_token = per_token * rollout_is_weights.float()
+    kl = None
+    if beta > 0:
+        kl = _kl(logp, ref_logprobs.float(), kl_estimator)
+        per_token = per_token + beta * kl
+    elif ref_logprobs is not None:
+        kl = _kl(logp.detach(), ref_logprobs.float(), kl_estimator)
+
+    masked_sum = (per_token * mask).sum()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_sum / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = masked_sum / (batch * (max_completion_length or length))
+    else:  # dapo, cispo
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = masked_sum / denominator
+
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon_low) & (adv < 0)
+        high = (ratio > 1 + epsilon_high) & (adv > 0)
+        stats = {
+            "logprobs": logp.detach(),
+            "entropy": _masked_mean(entropy, mask),
+            "kl": _masked_mean(kl.detach(), mask) if kl is not None else torch.zeros(()),
+            "clip_ratio_low": _masked_mean(low.float(), mask),
+            "clip_ratio_high": _masked_mean(high.float(), mask),
+            "clip_ratio_region": _masked_mean((low | high).float(), mask),
+            "ratio": _masked_mean(ratio.detach(), mask),
+        }
+    return loss, stats
+
+
+def _check(hidden, weight, targets, completion_mask, advantages, old_logprobs, ref_logprobs, beta,
+           epsilon_low, loss_type, importance_sampling_level, kl_estimator, rollout_is_weights,
+           delta, max_completion_length) -> tuple[int, int]:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a 3-D tensor (B, T, H), got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    batch, length, _ = hidden.shape
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    for name, t in (("targets", targets), ("completion_mask", completion_mask),
+                    ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("rollout_is_weights", rollout_is_weights)):
+        if t is not None and tuple(t.shape) != (batch, length):
+            raise ValueError(f"{name} must have shape ({batch}, {length}) like hidden's (B, T), "
+                             f"got {tuple(t.shape)}")
+    if advantages.shape not in ((batch,), (batch, length)):
+        raise ValueError(f"advantages must have shape ({batch},) or ({batch}, {length}), "
+                         f"got {tuple(advantages.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (B, T) from the reference model")
+    if not 0 <= epsilon_low < 1:
+        raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}")
+    if delta is not None and delta <= 1:
+        raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {delta}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    return batch, length
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, reward_weights=None,
+                     scale: str = "group", aggregation: str = "sum_then_normalize",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """Advantages (B,) of B = groups × group_size completions, consecutive per group.
+
+    rewards (B,) or (B, R) with R reward components weighted by ``reward_weights`` (R,)
+    (default 1). ``sum_then_normalize``: r = Σ_c w_c r_c, then (r − group mean) / (std +
+    eps); ``normalize_then_sum``: each component normalised that way in its group, then
+    the weighted sum. std: over the group (``group``), the whole batch (``batch``, Lite
+    PPO), or none (``none``: only the group mean is subtracted). Unbiased std, as TRL.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+        raise ValueError(f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', "
+                         f"got {aggregation!r}")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be (B,) or (B, R), got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
+            or rewards.shape[0] % group_size:
+        raise ValueError(f"group_size must be a positive int dividing B = {rewards.shape[0]}, "
+                         f"got {group_size}")
+    values = rewards.float() if rewards.dim() == 2 else rewards.float()[:, None]  # (B, R)
+    weights = torch.ones(values.shape[1], device=values.device) if reward_weights is None \
+        else torch.as_tensor(reward_weights, dtype=torch.float32, device=values.device)
+    if weights.shape != (values.shape[1],):
+        raise ValueError(f"reward_weights must have shape ({values.shape[1]},), got {tuple(weights.shape)}")
+
+    def normalise(r: torch.Tensor) -> torch.Tensor:  # r: (B, C)
+        grouped = r.reshape(-1, group_size, r.shape[1])
+        centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(r.shape)
+        if scale == "none":
+            return centred
+        if scale == "group":
+            std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(r.shape) \
+                if group_size > 1 else torch.zeros_like(r)
+        else:
+            std = r.std(dim=0, keepdim=True) if r.shape[0] > 1 else torch.zeros_like(r[:1])
+        return centred / (std + eps)
+
+    if aggregation == "sum_then_normalize":
+        return normalise((values * weights).sum(dim=1, keepdim=True))[:, 0]
+    return (normalise(values) * weights).sum(dim=1)

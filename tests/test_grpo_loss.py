@@ -1,0 +1,304 @@
+"""fused_linear_grpo_loss and group_advantages against references that materialise logits."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from livethinking.ops import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+
+U32 = 2.0**-24
+STATS = ["entropy", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio"]
+
+
+def reference_loss(hidden, weight, targets, mask, advantages, *, old=None, ref=None, bias=None,
+                   temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=None, delta=None,
+                   loss_type="dapo", level="token", max_completion_length=None,
+                   num_items_in_batch=None, kl_estimator="k3", is_weights=None, dtype=torch.float64):
+    """The loss written sequence by sequence, with full logits in ``dtype``."""
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    log_probs = F.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
+    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    batch, length = targets.shape
+    per_sequence, token_sums, counts, stats = [], [], [], {k: [] for k in STATS}
+    for b in range(batch):
+        m = mask[b].to(dtype)
+        a = advantages[b].to(dtype) if advantages.dim() == 1 else advantages[b].to(dtype)
+        old_b = logp[b].detach() if old is None else old[b].to(dtype)
+        log_ratio = logp[b] - old_b
+        if level == "sequence":
+            log_ratio = ((log_ratio * m).sum() / m.sum().clamp(min=1)).expand(length)
+        ratio = log_ratio.exp()
+        if loss_type == "cispo":
+            loss_t = -ratio.clamp(max=1 + eps_high).detach() * a * logp[b]
+        else:
+            first = ratio if delta is None else ratio.clamp(max=delta)
+            loss_t = -torch.minimum(first * a, ratio.clamp(1 - epsilon_low, 1 + eps_high) * a)
+        if is_weights is not None:
+            loss_t = loss_t * is_weights[b].to(dtype)
+        kl_t = torch.zeros_like(loss_t)
+        if ref is not None:
+            d = ref[b].to(dtype) - logp[b]
+            kl_t = {"k1": -d, "k2": 0.5 * d * d, "k3": d.exp() - d - 1}[kl_estimator]
+            if beta > 0:
+                loss_t = loss_t + beta * kl_t
+        token_sums.append((loss_t * m).sum())
+        counts.append(m.sum())
+        per_sequence.append(token_sums[-1] / m.sum().clamp(min=1))
+        low = ((ratio < 1 - epsilon_low) & (a < 0)).to(dtype)
+        high = ((ratio > 1 + eps_high) & (a > 0)).to(dtype)
+        for name, value in zip(STATS, [entropy[b], kl_t, low, high, torch.maximum(low, high), ratio]):
+            stats[name].append((value.detach() * m).sum())
+    total, tokens = torch.stack(token_sums).sum(), torch.stack(counts).sum()
+    if loss_type == "grpo":
+        loss = torch.stack(per_sequence).mean()
+    elif loss_type == "bnpo":
+        loss = total / tokens.clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = total / (batch * (max_completion_length or length))
+    else:
+        loss = total / (tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+    stats = {k: torch.stack(v).sum() / tokens.clamp(min=1) for k, v in stats.items()}
+    stats["logprobs"] = logp.detach()
+    return loss, stats
+
+
+def make_batch(generator, batch=3, length=5, hidden_size=16, vocab=997, all_masked_row=True):
+    hidden = torch.randn(batch, length, hidden_size, generator=generator)
+    weight = torch.randn(vocab, hidden_size, generator=generator) / hidden_size**0.5
+    targets = torch.randint(0, vocab, (batch, length), generator=generator)
+    mask = torch.rand(batch, length, generator=generator) < 0.8
+    mask[0, 0] = True
+    if all_masked_row:
+        mask[-1] = False
+    advantages = torch.randn(batch, generator=generator)
+    return hidden, weight, targets, mask, advantages
+
+
+def run(loss_fn, inputs, kwargs):
+    hidden, weight, targets, mask, advantages = inputs
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    bias = kwargs.pop("bias", None)
+    if bias is not None:
+        leaves.append(bias.clone().requires_grad_())
+    loss, stats = loss_fn(leaves[0], leaves[1], targets, mask, advantages, bias=leaves[2] if bias is not None else None, **kwargs)
+    loss.backward()
+    return loss.detach(), stats, [leaf.grad for leaf in leaves]
+
+
+CASES = list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo", "cispo"], ["token", "sequence"],
+                               [False, True], [None, "k1", "k2", "k3"]))
+
+
+@pytest.mark.parametrize("loss_type,level,with_old,kl", CASES)
+def test_matches_float64_reference(loss_type, level, with_old, kl, generator):
+    inputs = make_batch(generator)
+    hidden, weight, targets, mask, advantages = inputs
+    temperature = 0.7 if (len(loss_type) + (kl or "").__len__()) % 2 else 1.0
+    kwargs = dict(temperature=temperature, epsilon_low=0.2, epsilon_high=0.28)
+    if with_old:  # an off-policy batch: old log-probs near the current ones, ratios clip
+        exact = reference_loss(*inputs, temperature=temperature)[1]["logprobs"]
+        kwargs["old_logprobs"] = (exact + 0.3 * torch.randn(exact.shape, generator=generator)).float()
+        kwargs["rollout_is_weights"] = torch.rand(targets.shape, generator=generator) + 0.5
+        kwargs["delta"] = 1.5
+    if kl is not None:
+        kwargs.update(beta=0.05, kl_estimator=kl,
+                      ref_logprobs=(reference_loss(*inputs, temperature=temperature)[1]["logprobs"]
+                                    + 0.2 * torch.randn(targets.shape, generator=generator)).float())
+    if loss_type == "dr_grpo":
+        kwargs["max_completion_length"] = 8
+    if loss_type == "dapo":
+        kwargs["num_items_in_batch"] = 11.0
+    if loss_type == "bnpo":
+        kwargs["bias"] = torch.randn(weight.shape[0], generator=generator)
+
+    reference_kwargs = dict(kwargs)
+    renames = {"old_logprobs": "old", "ref_logprobs": "ref", "importance_sampling_level": "level",
+               "rollout_is_weights": "is_weights"}
+    reference_kwargs = {renames.get(k, k): v for k, v in reference_kwargs.items()}
+    reference_kwargs.update(loss_type=loss_type, level=level)
+
+    def reference(dtype):
+        converted = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+        if "bias" in reference_kwargs:
+            reference_kwargs["bias"] = reference_kwargs["bias"].to(dtype)
+        return run(lambda *a, **k: reference_loss(*a, **k, dtype=dtype), converted,
+                   dict(reference_kwargs))
+
+    exact, plain = reference(torch.float64), reference(torch.float32)
+    ours = run(fused_linear_grpo_loss, inputs,
+               dict(kwargs, loss_type=loss_type, importance_sampling_level=level))
+    scale = max(exact[0].abs().item(), 1e-3)
+    # loss and gradients: within 2x plain fp32's error, plus a few fp32 ulps of their scale
+    for name, o, p, e in [("loss", ours[0], plain[0], exact[0])] + [
+            (f"grad {i}", o, p, e) for i, (o, p, e) in enumerate(zip(ours[2], plain[2], exact[2]))]:
+        floor = 64 * U32 * max(e.abs().max().item(), scale)
+        error = (o.double() - e).abs().max().item()
+        assert error <= 2 * (p.double() - e).abs().max().item() + floor, (name, error)
+    for name in STATS:
+        assert abs(ours[1][name].item() - exact[1][name].item()) <= 1e-4 * max(1, abs(exact[1][name].item())), name
+    # masked tokens cost no GEMM work: their log-probs read 0
+    assert torch.allclose(ours[1]["logprobs"].double(), exact[1]["logprobs"] * mask, atol=1e-4)
+    assert ours[1]["logprobs"].dtype == torch.float32 and not ours[1]["logprobs"].requires_grad
+
+
+def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage(generator):
+    hidden, weight, targets, mask, advantages = make_batch(generator, all_masked_row=False)
+    loss, stats = fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, loss_type="bnpo")
+    expected = -(advantages[:, None] * mask).sum() / mask.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert stats["ratio"].item() == pytest.approx(1.0) and stats["clip_ratio_region"].item() == 0.0
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradients(generator):
+    hidden, weight, targets, mask, advantages = make_batch(generator)
+    mask[:] = False
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"):
+        loss, stats = fused_linear_grpo_loss(h, w, targets, mask, advantages, loss_type=loss_type)
+        loss.backward()
+        assert loss.item() == 0.0 and stats["entropy"].item() == 0.0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_single_token_and_per_token_advantages(generator):
+    hidden, weight, targets, mask, _ = make_batch(generator, batch=1, length=1, all_masked_row=False)
+    advantages = torch.randn(1, 1, generator=generator)
+    ours = run(fused_linear_grpo_loss, (hidden, weight, targets, mask, advantages), {"loss_type": "grpo"})
+    exact = run(lambda *a, **k: reference_loss(*a, **k, loss_type="grpo"),
+                (hidden.double(), weight.double(), targets, mask, advantages), {})
+    assert torch.allclose(ours[0].double(), exact[0], atol=1e-6)
+    for o, e in zip(ours[2], exact[2]):
+        assert torch.allclose(o.double(), e, atol=1e-5)
+
+
+def test_chunked_logprobs_gradcheck_float64(generator):
+    hidden = torch.randn(5, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 13, (5,), generator=generator)
+    mask = torch.tensor([True, True, False, True, True])
+
+    def both(h, w, b):
+        return fused_linear_logprobs(h, w, targets, bias=b, temperature=0.8, return_entropy=True,
+                                     row_mask=mask, chunk_rows=2)
+
+    assert torch.autograd.gradcheck(both, (hidden, weight, bias))
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from livethinking.ops import fused_linear_logprobs
+rows, vocab, naive = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "naive"
+torch.manual_seed(0)
+def rss(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) * 1024
+def step(n):
+    weight = torch.randn(vocab, 64, requires_grad=True)
+    hidden = torch.randn(n, 64, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    if naive:
+        logp = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    else:
+        logp = fused_linear_logprobs(hidden, weight, targets)
+    logp.sum().backward()
+step(8)  # load every code path first
+before = rss("VmRSS:")
+step(rows)
+print(rss("VmHWM:") - before)
+"""
+
+
+def peak_extra_bytes(rows, vocab, mode):
+    import os
+    import subprocess
+    import sys
+
+    # glibc returns every block of >= 128 KiB to the system when freed (no heap caching),
+    # so resident memory follows live memory
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(rows), str(vocab), mode],
+                            capture_output=True, text=True, timeout=300, check=True, env=env)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def test_chunked_peak_memory_is_flat_in_rows_and_far_below_naive():
+    """Peak RSS growth of one forward+backward (fresh process each): the CPU path keeps one
+    chunk of fp32 logits alive, the naive path all N x V of them."""
+    small, large = peak_extra_bytes(512, 32000, "chunked"), peak_extra_bytes(4096, 32000, "chunked")
+    naive = peak_extra_bytes(4096, 32000, "naive")
+    assert large <= small + (8 << 20), (small, large)  # flat in N (hidden and its gradient aside)
+    assert naive >= 10 * large, (naive, large)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_group_advantages(scale, aggregation, generator):
+    rewards = torch.rand(12, 3, generator=generator)
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    out = group_advantages(rewards, 4, reward_weights=weights, scale=scale, aggregation=aggregation)
+    expected = []
+    components = [(rewards * weights).sum(1, keepdim=True)] if aggregation == "sum_then_normalize" \
+        else [rewards[:, c:c + 1] for c in range(3)]
+    for c, values in enumerate(components):
+        normalised = torch.empty(12)
+        for g in range(3):
+            group = values[4 * g: 4 * g + 4, 0]
+            std = {"group": group.std(), "batch": values[:, 0].std(), "none": None}[scale]
+            centred = group - group.mean()
+            normalised[4 * g: 4 * g + 4] = centred if std is None else centred / (std + 1e-4)
+        expected.append(normalised * (1.0 if aggregation == "sum_then_normalize" else weights[c]))
+    assert torch.allclose(out, torch.stack(expected).sum(0), atol=1e-5)
+    assert out.shape == (12,)
+
+
+def test_group_advantages_of_equal_rewards_are_zero():
+    assert torch.equal(group_advantages(torch.ones(8), 4), torch.zeros(8))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+    (dict(importance_sampling_level="chunk"), ValueError, "importance_sampling_level"),
+    (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
+    (dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(old_logprobs=torch.zeros(2, 5)), ValueError, r"old_logprobs must have shape \(3, 5\)"),
+])
+def test_bad_input(kwargs, error, message, generator):
+    hidden, weight, targets, mask, advantages = make_batch(generator)
+    with pytest.raises(error, match=message):
+        fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, **kwargs)
+
+
+def test_bad_targets_and_shapes(generator):
+    hidden, weight, targets, mask, advantages = make_batch(generator)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=997\)"):
+        fused_linear_grpo_loss(hidden, weight, targets + 997, mask, advantages)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 16\)"):
+        fused_linear_grpo_loss(hidden, weight[:, :7], targets, mask, advantages)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(3,\) or \(3, 5\)"):
+        fused_linear_grpo_loss(hidden, weight, targets, mask, advantages[:2])
+    with pytest.raises(ValueError, match="group_size must be a positive int dividing B = 6"):
+        group_advantages(torch.zeros(6), 4)
+
+
+def test_matches_liger_where_installed(generator):
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, targets, mask, advantages = make_batch(generator, all_masked_row=False)
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        ours = run(fused_linear_grpo_loss, (hidden, weight, targets, mask, advantages),
+                   {"loss_type": loss_type, "max_completion_length": 5})
+        module = liger.LigerFusedLinearGRPOLoss(beta=0.0, loss_type=loss_type, use_ref_model=False, compiled=False,
+                                                max_completion_length=5)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        theirs = module(h, w, targets, mask.int(), advantages)
+        loss = theirs[0] if isinstance(theirs, tuple) else theirs
+        loss.backward()
+        assert torch.allclose(ours[0], loss.detach(), atol=1e-5), loss_type
+        assert torch.allclose(ours[2][0], h.grad, atol=1e-5), loss_type
+        assert torch.allclose(ours[2][1], w.grad, atol=1e-5), loss_type
