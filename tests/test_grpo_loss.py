@@ -92,14 +92,13 @@ def run(loss_fn, inputs, kwargs):
 
 
 CASES = list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo", "cispo"], ["token", "sequence"],
-                               [False, True], [None, "k1", "k2", "k3"]))
+                               [False, True], [None, "k1", "k2", "k3"], [1.0, 0.7]))
 
 
-@pytest.mark.parametrize("loss_type,level,with_old,kl", CASES)
-def test_matches_float64_reference(loss_type, level, with_old, kl, generator):
+@pytest.mark.parametrize("loss_type,level,with_old,kl,temperature", CASES)
+def test_matches_float64_reference(loss_type, level, with_old, kl, temperature, generator):
     inputs = make_batch(generator)
     hidden, weight, targets, mask, advantages = inputs
-    temperature = 0.7 if (len(loss_type) + (kl or "").__len__()) % 2 else 1.0
     kwargs = dict(temperature=temperature, epsilon_low=0.2, epsilon_high=0.28)
     if with_old:  # an off-policy batch: old log-probs near the current ones, ratios clip
         exact = reference_loss(*inputs, temperature=temperature)[1]["logprobs"]
@@ -302,3 +301,16 @@ def test_matches_liger_where_installed(generator):
         assert torch.allclose(ours[0], loss.detach(), atol=1e-5), loss_type
         assert torch.allclose(ours[2][0], h.grad, atol=1e-5), loss_type
         assert torch.allclose(ours[2][1], w.grad, atol=1e-5), loss_type
+
+
+def test_reference_logprobs_without_beta_only_feed_the_kl_statistic(generator):
+    hidden, weight, targets, mask, advantages = make_batch(generator)
+    ref = torch.randn(targets.shape, generator=generator) - 7
+    plain, plain_stats = fused_linear_grpo_loss(hidden, weight, targets, mask, advantages)
+    with_ref, stats = fused_linear_grpo_loss(hidden, weight, targets, mask, advantages,
+                                             ref_logprobs=ref)
+    assert torch.equal(plain, with_ref)
+    assert plain_stats["kl"].item() == 0.0 and stats["kl"].item() > 0.0
+    expected = reference_loss(hidden.double(), weight.double(), targets, mask, advantages,
+                              ref=ref)[1]["kl"]
+    assert stats["kl"].item() == pytest.approx(expected.item(), rel=1e-4)
