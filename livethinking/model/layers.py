@@ -1,0 +1,107 @@
+"""The position-wise layers of Qwen3 / Qwen3-MoE: RMSNorm, rotary tables, dense MLP, MoE block.
+
+Module and parameter names equal transformers' so its ``state_dict`` loads directly:
+``gate_proj`` / ``up_proj`` / ``down_proj`` for the dense MLP; ``gate`` (the router,
+weight (E, H)) and ``experts.gate_up_proj`` (E, 2I, H, gate rows first) /
+``experts.down_proj`` (E, H, I) for the MoE block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from livethinking.ops import fused_moe, moe_topk_softmax
+
+__all__ = ["DenseMLP", "MoeExperts", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
+           "apply_rotary"]
+
+
+class RMSNorm(nn.Module):
+    """y = w · (x / sqrt(mean(x²) + eps)); the normalisation in fp32, as transformers does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE with inverse frequencies θ^(-2i/d)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions (B, T) int -> cos, sin (B, T, head_dim) in ``dtype`` (computed in fp32)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D); cos, sin (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DenseMLP(nn.Module):
+    """down(silu(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeExperts(nn.Module):
+    """The expert weights, fused as transformers stores them."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x, topk_weights, topk_ids) -> torch.Tensor:
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router linear (model dtype) -> fp32 softmax top-k -> the fused expert layer.
+
+    Returns the output (same shape as x) and the router logits (tokens, E), which the
+    load-balancing loss needs.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = MoeExperts(num_experts, hidden_size, intermediate_size)
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        router_logits = self.gate(flat)
+        topk_weights, topk_ids = moe_topk_softmax(router_logits, self.top_k,
+                                                  renormalize=self.norm_topk_prob)
+        out = self.experts(flat, topk_weights, topk_ids)
+        return out.reshape(x.shape), router_logits

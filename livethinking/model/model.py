@@ -1,0 +1,223 @@
+"""Qwen3-MoE and dense Qwen3 causal language models on livethinking's ops.
+
+Parameter names equal transformers' (``model.embed_tokens.weight``,
+``model.layers.{i}.self_attn.q_proj.weight``, ``model.layers.{i}.mlp.gate.weight``,
+``model.layers.{i}.mlp.experts.gate_up_proj``, ``model.norm.weight``, ``lm_head.weight``,
+...), so ``CausalLM(config).load_state_dict(hf_model.state_dict())`` works as is.
+
+Mixed precision: weights and activations are in the model's dtype (bf16 on GPU); RMSNorm,
+the rotary tables, the attention softmax (inside SDPA / flash-attn), the router softmax and
+top-k (``moe_topk_softmax``), the expert accumulation (``fused_moe``) and the
+load-balancing loss run in fp32. The router linear itself runs in the model dtype, as in
+transformers and vLLM, so routing decisions match theirs.
+
+Three forward modes, none of which schedules anything:
+- :meth:`CausalLM.forward_hidden` — training; (B, T) rows, or one row of packed documents
+  with ``cu_seqlens``; returns final hidden states, router logits and the aux loss;
+- :meth:`CausalLM.forward_step` — inference through a caller-owned :class:`KVCache`;
+- :meth:`CausalLM.forward` — logits for (B, T) ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from livethinking.model.attention import Attention, AttentionInputs, packed_causal_mask
+from livethinking.model.config import ModelConfig
+from livethinking.model.kv_cache import KVCache
+from livethinking.model.layers import DenseMLP, RMSNorm, RotaryEmbedding, SparseMoeBlock
+
+__all__ = ["CausalLM", "DecoderLayer", "HiddenOutput", "Qwen3Model", "load_balancing_loss"]
+
+
+@dataclass(slots=True)
+class HiddenOutput:
+    hidden_states: torch.Tensor  # (B, T, H), after the final norm
+    router_logits: tuple[torch.Tensor, ...]  # one (B·T, E) per MoE layer
+    aux_loss: torch.Tensor | None  # transformers' load_balancing_loss_func; None if dense
+    router_aux_loss_coef: float = 0.0
+
+    @property
+    def weighted_aux_loss(self) -> torch.Tensor | None:
+        """``router_aux_loss_coef · aux_loss``, the term added to the training loss."""
+        return None if self.aux_loss is None else self.router_aux_loss_coef * self.aux_loss
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int,
+                        top_k: int) -> torch.Tensor:
+    """Switch-Transformer balance loss exactly as transformers computes it for Qwen3-MoE.
+
+    Over all layers' rows together: f_e = (#top-k picks of e) / rows, P_e = mean softmax
+    prob of e; loss = E · Σ_e f_e · P_e (f_e is not divided by k, as in transformers).
+    """
+    counts = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum = torch.zeros_like(counts)
+    rows = 0
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        with torch.no_grad():
+            picks = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+            counts = counts + torch.bincount(picks, minlength=num_experts).float()
+        prob_sum = prob_sum + probs.sum(dim=0)
+        rows += probs.shape[0]
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.mlp = SparseMoeBlock(config.hidden_size, config.moe_intermediate_size,
+                                      config.num_experts, config.num_experts_per_tok,
+                                      config.norm_topk_prob)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs):
+        """Returns the new hidden states and the router logits (None for a dense layer)."""
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, router_logits = self.mlp(h)
+        else:
+            h, router_logits = self.mlp(h), None
+        return x + h, router_logits
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder layers, final norm (transformers' ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    # ---------------------------------------------------------------- the layer stack
+    def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                    inputs: AttentionInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.model.embed_tokens(input_ids)
+        inputs.cos, inputs.sin = self.model.rotary_emb(positions, x.dtype)
+        router_logits = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, logits = checkpoint(layer, x, inputs, use_reentrant=False)
+            else:
+                x, logits = layer(x, inputs)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.model.norm(x), router_logits
+
+    def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None) -> HiddenOutput:
+        """Training forward to the final hidden states (after the final norm).
+
+        input_ids (B, T); position_ids (B, T), default 0..T-1 (restarting per document
+        when ``cu_seqlens`` is given). ``cu_seqlens`` (docs + 1,) int, [0, ..., T]: B must
+        be 1, the row holds several documents and attention never crosses them.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        batch, steps = input_ids.shape
+        inputs = AttentionInputs(cos=None, sin=None)
+        if cu_seqlens is not None:
+            cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, steps)
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            inputs.cu_seqlens, inputs.max_seqlen = cu_seqlens, int(lengths.max())
+            inputs.mask = packed_causal_mask(cu_seqlens, steps)
+            if position_ids is None:
+                starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long())
+                position_ids = (torch.arange(steps, device=input_ids.device) - starts)[None]
+        if position_ids is None:
+            position_ids = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        hidden, router_logits = self._run_layers(input_ids, position_ids, inputs)
+        aux = None
+        if router_logits:
+            aux = load_balancing_loss(tuple(router_logits), self.config.num_experts,
+                                      self.config.num_experts_per_tok)
+        return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     kv_cache: KVCache) -> torch.Tensor:
+        """Inference: ids and positions (B, T) -> logits (B, T, V); k/v go into ``kv_cache``."""
+        if input_ids.dim() != 2 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be (B, T), got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        inputs = AttentionInputs(cos=None, sin=None, kv_cache=kv_cache, positions=positions)
+        hidden, _ = self._run_layers(input_ids, positions, inputs)
+        return self.compute_logits(hidden)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), causal, positions 0..T-1."""
+        return self.compute_logits(self.forward_hidden(input_ids).hidden_states)
+
+
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "CausalLM":
+        """Build from ``path/config.json`` on the meta device and load the safetensors shards
+        into it one by one (per-expert or fused keys; never a pickle). Returns eval mode."""
+        from livethinking.model import checkpoint  # checkpoint IO stays out of model import
+
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory")
+        config = ModelConfig.from_dict(json.loads(config_file.read_text()))
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoint.load_into(model, path, dtype=dtype, device=device)
+        # non-persistent buffers (the rotary inverse frequencies) are rebuilt, not read
+        model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
+        return model.eval()
+
+    def save_pretrained(self, path, *, tokenizer=None,
+                        max_shard_bytes: int | None = None) -> Path:
+        """Write safetensors (per-expert keys, as transformers saves them) and config.json
+        (+ tokenizer files) atomically: a temporary directory renamed into place."""
+        from livethinking.model import checkpoint
+
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        return checkpoint.save_checkpoint(self.state_dict(), self.config.to_dict(), path,
+                                          tokenizer=tokenizer, **kwargs)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, steps: int) -> torch.Tensor:
+    if batch != 1:
+        raise ValueError(f"packed input (cu_seqlens) must be a single row, got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [0, ..., total], got {tuple(cu_seqlens.shape)}")
+    values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != steps or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the row length {steps}, got {values}")
+    return cu_seqlens.to(torch.int32)
