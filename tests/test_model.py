@@ -265,3 +265,29 @@ def test_from_pretrained_names_a_missing_shard(tmp_path):
         CausalLM.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="config.json"):
         CausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("case", ["moe_all_sparse_untied", "moe_step2_mlp_only_tied"])
+def test_parity_with_the_triton_moe_kernels(case, monkeypatch):
+    """The same parity with the experts on the Triton kernels (the interpreter on CPU), as
+    they run on a GPU, instead of the ops' CPU path."""
+    import livethinking.model.layers as layers
+    from livethinking.kernels.fused_moe import fused_moe as triton_fused_moe
+
+    calls = []
+    monkeypatch.setattr(layers, "fused_moe", lambda *a: calls.append(1) or triton_fused_moe(*a))
+    hf, ours = _pair(case)
+    ids = _ids(2, 7)
+    out = hf(ids, output_router_logits=True)
+    (out.logits.sum() + out.aux_loss).backward()
+    ours_out = ours.forward_hidden(ids)
+    got = ours.compute_logits(ours_out.hidden_states)
+    (got.sum() + ours_out.aux_loss).backward()
+    assert calls and (got - out.logits).abs().max() <= ATOL
+    moe_layer = next(i for i, layer in enumerate(ours.model.layers) if layer.is_moe)
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    for name, param in ours.named_parameters(remove_duplicate=False):
+        if name.startswith(f"model.layers.{moe_layer}.mlp") or name == "model.embed_tokens.weight":
+            expected = hf_params[name].grad
+            scale = expected.abs().max().clamp_min(1.0)
+            assert (param.grad - expected).abs().max() <= ATOL * scale, name
