@@ -38,11 +38,14 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment):
     rows = moe_permute(x, alignment)  # (T·k, H), grouped by expert
     counts = alignment.tokens_per_expert.tolist()
+    # unbind once: its backward stacks the experts' gradients into one tensor, where
+    # indexing w[e] per expert would add a full-size zero gradient per expert
+    gate_up_experts, down_experts = w_gate_up.unbind(0), w_down.unbind(0)
     outputs = []
     for expert, expert_rows in enumerate(torch.split(rows, counts)):
         if expert_rows.shape[0] == 0:
             continue
-        gate, up = F.linear(expert_rows, w_gate_up[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, w_down[expert]))  # (rows_e, H)
+        gate, up = F.linear(expert_rows, gate_up_experts[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, down_experts[expert]))  # (rows_e, H)
     y = torch.cat(outputs) if outputs else rows.new_zeros(0, w_down.shape[1])
     return moe_unpermute(y, alignment, topk_weights)
