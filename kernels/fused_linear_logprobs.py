@@ -114,6 +114,18 @@ __all__ = [
 
 
 @triton.jit
+def _row_block(pid_m, num_rows, mask_ptr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of block ``pid_m``: (rows int64, in range, in range and unmasked, any unmasked)."""
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < num_rows
+    if HAS_MASK:
+        row_on = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    else:
+        row_on = row_ok
+    return rows, row_ok, row_on, tl.max(row_on.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _fused_linear_logprobs_forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mask_ptr,
     logp_ptr, ent_ptr, max_ptr, logs_ptr,
@@ -132,14 +144,8 @@ def _fused_linear_logprobs_forward_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_ty = logp_ptr.dtype.element_ty
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < N
-    if HAS_MASK:
-        row_on = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-    else:
-        row_on = row_ok
+    rows, row_ok, row_on, any_on = _row_block(pid_m, N, mask_ptr, HAS_MASK, BLOCK_M)
     tgt = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    any_on = tl.max(row_on.to(tl.int32), axis=0) > 0
 
     v_begin = pid_s * v_per_split
     v_stop = tl.minimum(v_begin + v_per_split, V)
@@ -210,13 +216,7 @@ def _fused_linear_logprobs_dz_kernel(
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     acc_ty = max_ptr.dtype.element_ty
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < R
-    if HAS_MASK:
-        row_on = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-    else:
-        row_on = row_ok
-    any_on = tl.max(row_on.to(tl.int32), axis=0) > 0
+    rows, row_ok, row_on, any_on = _row_block(pid_m, R, mask_ptr, HAS_MASK, BLOCK_M)
     cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     col_ok = cols < V
     hs = tl.arange(0, BLOCK_H)
