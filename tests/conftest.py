@@ -43,3 +43,52 @@ def pytest_report_header(config):
 def generator(request):
     """A generator seeded from the run seed and the test's id."""
     return torch.Generator().manual_seed((RUN_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**63)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_TEXT = [
+    "the red kettle boils water in two minutes and costs forty dollars",
+    "does it come in blue? only red for now. what does it cost? how fast does it boil?",
+    "Answer viewers of a livestream briefly, from the product document only.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A directory with a tiny random Qwen3-MoE (fp32), config.json and a byte-level BPE
+    tokenizer with a ChatML chat template; eos = <|im_end|>. Built offline, once per run."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from livethinking.model import CausalLM, ModelConfig
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(TOKENIZER_TEXT, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    vocab = len(tokenizer)
+    config = ModelConfig(model_type="qwen3_moe", vocab_size=vocab, hidden_size=32,
+                         intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                         norm_topk_prob=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1234)
+    model = CausalLM(config).float()
+    with torch.no_grad():  # larger than the default init, so the logits are far from flat
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                    else 0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path

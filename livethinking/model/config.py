@@ -35,6 +35,8 @@ class ModelConfig:
     attention_bias: bool = False
     hidden_act: str = "silu"
     pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # generation stops at any of them
     # Qwen3-MoE only; a dense "qwen3" model has num_experts == 0.
     moe_intermediate_size: int = 0
     num_experts: int = 0
@@ -72,7 +74,8 @@ class ModelConfig:
         }
         plain = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "rms_norm_eps", "max_position_embeddings",
-                 "tie_word_embeddings", "attention_bias", "hidden_act", "pad_token_id")
+                 "tie_word_embeddings", "attention_bias", "hidden_act", "pad_token_id",
+                 "bos_token_id", "eos_token_id")
         moe = ("moe_intermediate_size", "num_experts_per_tok", "norm_topk_prob",
                "decoder_sparse_step", "router_aux_loss_coef", "output_router_logits")
         for key in plain + (moe if model_type == "qwen3_moe" else ()):
@@ -91,6 +94,9 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        for key in ("bos_token_id", "eos_token_id"):
+            if d[key] is None:
+                d.pop(key)
         if self.model_type == "qwen3_moe":
             d["num_local_experts"] = d.pop("num_experts")
             d["architectures"] = ["Qwen3MoeForCausalLM"]
@@ -107,6 +113,12 @@ class ModelConfig:
         """Whether decoder layer ``layer_idx`` is sparse, by transformers' rule."""
         return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """``eos_token_id`` as a list (a config may give one id or several)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -148,6 +160,9 @@ class ModelConfig:
                 raise ValueError(f"mlp_only_layers {bad} out of range [0, {self.num_hidden_layers})")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id {self.pad_token_id} out of range [0, {self.vocab_size})")
+        if self.eos_token_id is not None and any(
+                not isinstance(i, int) or not 0 <= i < self.vocab_size for i in self.eos_token_ids):
+            raise ValueError(f"eos_token_id {self.eos_token_id!r} must be ids in [0, {self.vocab_size})")
 
 
 def _rope_theta(d: dict[str, Any]) -> float:
