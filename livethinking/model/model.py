@@ -167,15 +167,21 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
 
-    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     kv_cache: KVCache) -> torch.Tensor:
-        """Inference: ids and positions (B, T) -> logits (B, T, V); k/v go into ``kv_cache``."""
+    def forward_step_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                            kv_cache: KVCache) -> torch.Tensor:
+        """Inference: ids and positions (B, T) -> final hidden states (B, T, H); k/v go into
+        ``kv_cache``. The caller picks the rows it needs logits for (``compute_logits``)."""
         if input_ids.dim() != 2 or positions.shape != input_ids.shape:
             raise ValueError(f"input_ids and positions must both be (B, T), got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         inputs = AttentionInputs(cos=None, sin=None, kv_cache=kv_cache, positions=positions)
         hidden, _ = self._run_layers(input_ids, positions, inputs)
-        return self.compute_logits(hidden)
+        return hidden
+
+    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     kv_cache: KVCache) -> torch.Tensor:
+        """Inference: ids and positions (B, T) -> logits (B, T, V); k/v go into ``kv_cache``."""
+        return self.compute_logits(self.forward_step_hidden(input_ids, positions, kv_cache))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), causal, positions 0..T-1."""

@@ -1,0 +1,51 @@
+"""Incremental detokenization with stop strings.
+
+Decoding a growing id list one token at a time can split a multi-byte character or a
+word-piece; the text of ``ids[prefix:]`` minus that of ``ids[prefix:read]`` gives the
+new characters once they no longer end in U+FFFD. While a request with stop strings is
+running, the last ``max(len(stop)) - 1`` characters are held back, so a streamed text is
+never taken back when a stop string completes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["IncrementalDetokenizer"]
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def append(self, token_id: int) -> bool:
+        """Add one token; True if a stop string now appears (the text is cut before it)."""
+        if self.tokenizer is None or self.stopped:
+            return False
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            start = max(0, len(self.text) - self.holdback - 1)
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            hits = [at for s in self.stop if (at := self.text.find(s, max(0, start - len(s)))) >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        return self.stopped
+
+    def visible(self, finished: bool) -> str:
+        """The text safe to show: all of it when finished, else minus the hold-back."""
+        if finished or not self.holdback:
+            return self.text
+        return self.text[:max(0, len(self.text) - self.holdback)]

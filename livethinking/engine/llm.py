@@ -1,0 +1,97 @@
+"""The synchronous front: ``LLM(model_dir or CausalLM).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from livethinking.engine.config import EngineConfig
+from livethinking.engine.llm_engine import LLMEngine
+from livethinking.engine.outputs import RequestOutput
+from livethinking.engine.sampling_params import SamplingParams
+
+__all__ = ["LLM"]
+
+
+def _is_single_prompt(prompts) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                        and all(isinstance(t, int) for t in prompts))
+
+
+class LLM:
+    """Generation from a checkpoint directory or an in-memory ``CausalLM``.
+
+    Given a ``CausalLM`` the engine uses its parameters in place (no copy): a trainer that
+    updates them in place is seen by the next ``generate``. A directory is loaded with
+    ``CausalLM.from_pretrained`` and, if it holds tokenizer files, ``AutoTokenizer``.
+    """
+
+    def __init__(self, model, tokenizer=None, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, config: EngineConfig | None = None,
+                 **config_overrides) -> None:
+        if isinstance(model, (str, Path)):
+            from livethinking.model import CausalLM
+
+            path = Path(model)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = CausalLM.from_pretrained(path, dtype=dtype, device=device)
+            if tokenizer is None and any((path / f).is_file() for f in
+                                         ("tokenizer.json", "tokenizer_config.json")):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        elif dtype is not None or device is not None:
+            raise ValueError("dtype/device apply to a checkpoint directory; move an in-memory "
+                             "model yourself (the engine shares its weights)")
+        if config is None:
+            config = EngineConfig(**config_overrides)
+        elif config_overrides:
+            raise ValueError("pass either config or keyword overrides, not both")
+        self.engine = LLMEngine(model, tokenizer, config)
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text or token ids); outputs in prompt order."""
+        if _is_single_prompt(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        order = []
+        for prompt, p in zip(prompts, params):
+            request_id = f"generate-{next(self._ids)}"
+            self.engine.add_request(request_id, prompt, p)
+            order.append(request_id)
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(order):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        finally:
+            for request_id in order:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+        return [finished[r] for r in order]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that advanced it."""
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt, params or SamplingParams())
+        done = False
+        try:
+            while not done:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        done = output.finished
+                        yield output
+        finally:
+            if not done:
+                self.engine.abort_request(request_id)

@@ -1,0 +1,230 @@
+"""The engine: requests in, one scheduler step at a time, outputs back.
+
+Not thread-safe: one thread owns an :class:`LLMEngine` (the HTTP server runs it in a
+background thread and talks to it through a queue). It holds a reference to the model,
+never a copy, so a trainer's optimizer steps are seen by the next step; a changed weight
+version empties the prefix cache, whose KV would be stale.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from livethinking.engine.block_manager import BlockManager
+from livethinking.engine.config import EngineConfig, EngineFullError, EngineStats
+from livethinking.engine.detokenizer import IncrementalDetokenizer
+from livethinking.engine.model_runner import Chunk, Draw, ModelRunner
+from livethinking.engine.outputs import CompletionOutput, RequestOutput
+from livethinking.engine.sampling_params import SamplingParams
+from livethinking.engine.scheduler import Scheduler
+from livethinking.engine.sequence import Sequence, SequenceStatus
+
+__all__ = ["LLMEngine"]
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens clipped to the context
+    arrival_time: float
+    seqs: list[Sequence] = field(default_factory=list)  # seqs[0] is prefilled; others fork
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+    first_token_time: float | None = None
+
+
+def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device).manual_seed((seed * 0x9E3779B1 + index) % 2**63)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        limit = mc.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.runner = ModelRunner(model, config, self.max_model_len)
+        self.blocks = BlockManager(self.runner.cache.num_blocks, config.block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.requests: dict[str, _Request] = {}
+        self.eos_ids = set(mc.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self._seq_ids = itertools.count()
+        self._weights_version = self._weight_version()
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.runner.capture_cuda_graphs()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. ValueError for a bad prompt or id; EngineFullError when
+        ``max_waiting`` sequences already wait."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
+                             f"tokens, which must leave room for at least one new token")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineFullError(f"{len(self.scheduler.waiting)} sequences are waiting "
+                                  f"(max_waiting={self.config.max_waiting}); retry later")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        now = time.perf_counter() if arrival_time is None else arrival_time
+        request = _Request(request_id, ids, params,
+                           min(params.max_tokens, self.max_model_len - len(ids)), now)
+        device = self.runner.device
+        for i in range(params.n):
+            request.seqs.append(Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids),
+                                         params, _generator(params.seed, i, device)))
+            request.detokenizers.append(IncrementalDetokenizer(self.tokenizer, params.stop))
+        request.seqs[0].needs_fork = params.n > 1
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request and free its KV blocks now (unknown ids are ignored)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                self.scheduler.remove(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes (called automatically when the weights change)."""
+        self.blocks.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            kv_blocks_total=self.blocks.num_blocks, kv_blocks_free=self.blocks.num_free,
+            prefix_cache_queried_tokens=self.blocks.queried_tokens,
+            prefix_cache_hit_tokens=self.blocks.hit_tokens, prefill_tokens=self.prefill_tokens,
+            decode_tokens=self.decode_tokens, num_preemptions=self.scheduler.num_preemptions)
+
+    # ------------------------------------------------------------------ stepping
+    def _weight_version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over a scheduled batch; outputs of the requests that advanced."""
+        version = self._weight_version()
+        if version != self._weights_version:
+            self._weights_version = version
+            self.reset_prefix_cache()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        draws, completing = [], [c for c in chunks if c.completes]
+        for row, chunk in enumerate(chunks):
+            if chunk.completes:
+                seqs = self.requests[chunk.seq.request_id].seqs if chunk.seq.needs_fork \
+                    else [chunk.seq]
+                draws += [Draw(row, s.params, s.generator) for s in seqs]
+        tokens, logprobs = self.runner.execute(chunks, draws)
+        decoding = all(c.seq.status is SequenceStatus.RUNNING for c in chunks)
+        if decoding:
+            self.decode_tokens += len(chunks)
+        else:
+            self.prefill_tokens += sum(c.num_tokens for c in chunks)
+        self.scheduler.after_step(chunks)
+        return self._process(completing, iter(zip(tokens, logprobs)))
+
+    def _process(self, completing: list[Chunk], drawn) -> list[RequestOutput]:
+        """Append the drawn tokens of the chunks that reached their sequence's end."""
+        now = time.perf_counter()
+        touched: dict[str, _Request] = {}
+        for chunk in completing:
+            request = self.requests[chunk.seq.request_id]
+            touched[request.request_id] = request
+            if chunk.seq.needs_fork:
+                chunk.seq.needs_fork = False
+                picks = [next(drawn) for _ in request.seqs]
+                for child in request.seqs[1:]:
+                    self._fork(chunk.seq, child)
+                for seq, (token, logprob) in zip(request.seqs, picks):
+                    self._append(request, seq, token, logprob, now)
+            else:
+                self._append(request, chunk.seq, *next(drawn), now)
+        outputs = [self._output(r) for r in touched.values()]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        partial = parent.num_computed % self.blocks.block_size != 0
+        if partial and self.blocks.num_free == 0:  # no block to copy into: recompute later
+            self.scheduler.add(child)
+            return
+        copied = self.blocks.fork(parent, child)
+        if copied is not None:
+            self.runner.cache.copy_block(parent.block_table[len(child.block_table) - 1], copied)
+        child.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(child)
+
+    def _append(self, request: _Request, seq: Sequence, token: int, logprob: float,
+                now: float) -> None:
+        seq.token_ids.append(token)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        params = seq.params
+        if request.detokenizers[seq.index].append(token):
+            reason = "stop"
+        elif token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            reason = "stop"
+        elif seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        else:
+            return
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for seq, detok in zip(request.seqs, request.detokenizers):
+            completions.append(CompletionOutput(
+                index=seq.index, token_ids=list(seq.output_token_ids),
+                text=detok.visible(seq.is_finished),
+                logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+                finish_reason=seq.finish_reason))
+        return RequestOutput(request.request_id, request.prompt_ids, completions,
+                             request.arrival_time, request.first_token_time,
+                             request.seqs[0].num_cached_tokens)

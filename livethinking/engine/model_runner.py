@@ -1,0 +1,215 @@
+"""Runs the model on a scheduled batch: builds the paged-attention inputs, replays CUDA
+graphs for decode, and samples.
+
+A batch is a list of :class:`Chunk` s, each computing ``seq.token_ids[start:start + n]``
+with ``start = seq.num_computed``; rows are padded to the longest chunk (padding writes go
+to the pool's trash slot). Only rows whose chunk reaches the end of their sequence get
+logits, and only at their last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from livethinking import ops
+from livethinking.engine.config import EngineConfig
+from livethinking.engine.paged_cache import PagedKVCache
+from livethinking.engine.sampler import SamplingBatch, sample
+from livethinking.engine.sampling_params import SamplingParams
+from livethinking.engine.sequence import Sequence
+
+__all__ = ["Chunk", "Draw", "ModelRunner"]
+
+
+@dataclass(slots=True)
+class Chunk:
+    seq: Sequence
+    num_tokens: int  # computes token_ids[seq.num_computed : seq.num_computed + num_tokens]
+
+    @property
+    def completes(self) -> bool:
+        return self.seq.num_computed + self.num_tokens == len(self.seq)
+
+
+@dataclass(slots=True)
+class Draw:
+    """One token to draw from the logits of chunk ``row``."""
+
+    row: int
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, max_model_len: int) -> None:
+        self.model = model
+        self.config = config
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        mc = model.config
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        per_block = PagedKVCache.bytes_per_block(mc.num_hidden_layers, self.block_size,
+                                                 mc.num_key_value_heads, mc.head_dim, self.dtype)
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks(per_block)
+        self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
+                                  mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
+                                  device=self.device)
+        self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_blocks = 0
+        self.static: dict[str, torch.Tensor] = {}
+
+    def _auto_num_blocks(self, per_block: int) -> int:
+        cfg = self.config
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization)
+        else:
+            budget = cfg.cpu_kv_cache_bytes
+        wanted = cfg.max_num_seqs * self.max_blocks_per_seq
+        blocks = min(wanted, budget // per_block)
+        if blocks < self.max_blocks_per_seq:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds {blocks} blocks, fewer "
+                             f"than one sequence of max_model_len needs "
+                             f"({self.max_blocks_per_seq}); lower max_model_len or raise the budget")
+        return blocks
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, chunks: list[Chunk], pad_rows: int = 0, pad_blocks: int = 0):
+        bs, trash = self.block_size, self.cache.trash_slot
+        steps = max(c.num_tokens for c in chunks)
+        ids, pos, slots, tables, ctx = [], [], [], [], []
+        blocks = max(pad_blocks, max(-(-(c.seq.num_computed + c.num_tokens) // bs)
+                                     for c in chunks))
+        for c in chunks:
+            start, n, table = c.seq.num_computed, c.num_tokens, c.seq.block_table
+            span = range(start, start + n)
+            pad = steps - n
+            ids.append(c.seq.token_ids[start:start + n] + [0] * pad)
+            pos.append(list(span) + [0] * pad)
+            slots.append([table[p // bs] * bs + p % bs for p in span] + [trash] * pad)
+            tables.append(table[:blocks] + [0] * (blocks - min(blocks, len(table))))
+            ctx.append(start + n)
+        for _ in range(pad_rows):
+            ids.append([0] * steps)
+            pos.append([0] * steps)
+            slots.append([trash] * steps)
+            tables.append([0] * blocks)
+            ctx.append(1)
+
+        def tensor(rows):
+            return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+        return tensor(ids), tensor(pos), tensor(slots), tensor(tables), tensor(ctx)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def _forward(self, ids, pos, slots, tables, ctx) -> torch.Tensor:
+        self.cache.set_batch(pos, slots, tables, ctx)
+        return self.model.forward_step_hidden(ids, pos, self.cache)  # (B, T, H)
+
+    def _last_hidden(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Final hidden state at each chunk's last token, (B, H)."""
+        decode = all(c.num_tokens == 1 for c in chunks)
+        graph_size = self._graph_size(len(chunks), chunks) if decode else None
+        if graph_size is not None:
+            return self._replay(chunks, graph_size)
+        inputs = self._inputs(chunks)
+        hidden = self._forward(*inputs)
+        last = torch.tensor([c.num_tokens - 1 for c in chunks], device=self.device)
+        return hidden[torch.arange(len(chunks), device=self.device), last]
+
+    def execute(self, chunks: list[Chunk], draws: list[Draw]) -> tuple[list[int], list[float]]:
+        """Run the batch; return the drawn tokens and their log-probs (one host transfer)."""
+        if self.config.deterministic:  # every row on its own: batch-invariant numerics
+            hidden = torch.cat([self._last_hidden([c]) for c in chunks])
+        else:
+            hidden = self._last_hidden(chunks)
+        if not draws:
+            return [], []
+        rows = torch.tensor([d.row for d in draws], device=self.device)
+        hidden = hidden[rows]  # (R, H)
+        logits = self.model.compute_logits(hidden).float()  # (R, V)
+        batch = self._sampling_batch(draws)
+        tokens, logprobs = sample(logits, batch, self.shared_generator)
+        if self.config.deterministic:
+            logprobs = self._trainer_logprobs(hidden, tokens, draws)
+        out = torch.stack([tokens.double(), logprobs.double()]).cpu()
+        return [int(t) for t in out[0].tolist()], out[1].tolist()
+
+    def _sampling_batch(self, draws: list[Draw]) -> SamplingBatch:
+        params = [d.params for d in draws]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        return SamplingBatch(
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.long),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            generators=[d.generator for d in draws],
+            needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+            all_greedy=all(p.greedy for p in params))
+
+    def _trainer_logprobs(self, hidden, tokens, draws) -> torch.Tensor:
+        """The sampled tokens' log-probs through ``fused_linear_logprobs``, the trainer's op."""
+        temps = [d.params.temperature or 1.0 for d in draws]
+        out = torch.empty(len(draws), dtype=torch.float32, device=self.device)
+        weight = self.model.lm_head.weight
+        for t in sorted(set(temps)):
+            rows = torch.tensor([i for i, x in enumerate(temps) if x == t], device=self.device)
+            out[rows] = ops.fused_linear_logprobs(hidden[rows], weight, tokens[rows],
+                                                  temperature=t)
+        return out
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_cuda_graphs(self, max_context: int = 4096) -> None:
+        """Capture decode (one token per row) for each configured batch size, with block
+        tables padded to ``max_context`` tokens; longer contexts decode eagerly."""
+        sizes = [b for b in self.config.cuda_graph_batch_sizes if b <= self.config.max_num_seqs]
+        if self.device.type != "cuda" or self.config.enforce_eager or not sizes:
+            return
+        self.graph_blocks = min(self.max_blocks_per_seq, -(-max_context // self.block_size))
+        largest = sizes[-1]
+        long = dict(dtype=torch.long, device=self.device)
+        self.static = dict(ids=torch.zeros(largest, 1, **long), pos=torch.zeros(largest, 1, **long),
+                           slots=torch.full((largest, 1), self.cache.trash_slot, **long),
+                           tables=torch.zeros(largest, self.graph_blocks, **long),
+                           ctx=torch.ones(largest, **long))
+        pool = None
+        for size in reversed(sizes):
+            s = {k: v[:size] for k, v in self.static.items()}
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (Triton autotuning, allocator) off the graph
+                    self._forward(s["ids"], s["pos"], s["slots"], s["tables"], s["ctx"])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(s["ids"], s["pos"], s["slots"], s["tables"], s["ctx"])[:, 0]
+            pool = graph.pool()
+            self.graphs[size] = (graph, out)
+
+    def _graph_size(self, rows: int, chunks: list[Chunk]) -> int | None:
+        if not self.graphs:
+            return None
+        if any(len(c.seq.block_table) > self.graph_blocks for c in chunks):
+            return None
+        return next((size for size in sorted(self.graphs) if size >= rows), None)
+
+    def _replay(self, chunks: list[Chunk], size: int) -> torch.Tensor:
+        ids, pos, slots, tables, ctx = self._inputs(chunks, pad_rows=size - len(chunks),
+                                                    pad_blocks=self.graph_blocks)
+        s = self.static
+        s["ids"][:size].copy_(ids)
+        s["pos"][:size].copy_(pos)
+        s["slots"][:size].copy_(slots)
+        s["tables"][:size].copy_(tables)
+        s["ctx"][:size].copy_(ctx)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:len(chunks)]

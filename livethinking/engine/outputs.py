@@ -1,0 +1,49 @@
+"""What the engine hands back: per request, the samples so far, cumulative."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["CompletionOutput", "RequestOutput"]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sample of a request, cumulative since its start.
+
+    ``logprobs[i]`` is log softmax(logits / temperature)[token_ids[i]] in fp32, before
+    top-k/top-p truncation (None when the request did not ask for log-probs).
+    ``finish_reason``: None while running, then "stop" (end-of-sequence token, stop token
+    or stop string), "length" (max_tokens or the context limit) or "abort".
+    """
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's state after an engine step. Times are ``time.perf_counter()`` seconds."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    arrival_time: float
+    first_token_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first sampled token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
