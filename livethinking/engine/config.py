@@ -18,7 +18,8 @@ class EngineConfig:
     ``num_kv_blocks`` None sizes the paged cache from ``gpu_memory_utilization`` of the free
     GPU memory, or on CPU to hold ``max_num_seqs`` full-length sequences up to
     ``cpu_kv_cache_bytes``. ``deterministic`` runs every sequence on its own (batch-invariant
-    results) and reports log-probs through ``fused_linear_logprobs``, the trainer's op.
+    samples) and reports a finished sequence's log-probs as the trainer computes them (a
+    full forward and ``fused_linear_logprobs``), at the cost of one forward per sequence.
     """
 
     block_size: int = 16

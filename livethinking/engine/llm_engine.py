@@ -1,5 +1,10 @@
 """The engine: requests in, one scheduler step at a time, outputs back.
 
+In ``deterministic`` mode every sequence runs alone (batch-invariant samples) and a
+finished sequence's log-probs are recomputed the trainer's way (one forward over the
+sequence, ``fused_linear_logprobs``), so the trainer's old log-probs equal the engine's
+bit for bit; while it runs, the incremental values are reported.
+
 Not thread-safe: one thread owns an :class:`LLMEngine` (the HTTP server runs it in a
 background thread and talks to it through a queue). It holds a reference to the model,
 never a copy, so a trainer's optimizer steps are seen by the next step; a changed weight
@@ -215,6 +220,9 @@ class LLMEngine:
             return
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
+        if self.config.deterministic and params.logprobs:  # the trainer's numbers, exactly
+            seq.logprobs = self.runner.score(seq.token_ids, seq.num_prompt_tokens,
+                                             params.temperature)
         self.scheduler.remove(seq)
 
     def _output(self, request: _Request) -> RequestOutput:

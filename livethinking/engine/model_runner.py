@@ -135,8 +135,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden).float()  # (R, V)
         batch = self._sampling_batch(draws)
         tokens, logprobs = sample(logits, batch, self.shared_generator)
-        if self.config.deterministic:
-            logprobs = self._trainer_logprobs(hidden, tokens, draws)
         out = torch.stack([tokens.double(), logprobs.double()]).cpu()
         return [int(t) for t in out[0].tolist()], out[1].tolist()
 
@@ -154,16 +152,15 @@ class ModelRunner:
             needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
             all_greedy=all(p.greedy for p in params))
 
-    def _trainer_logprobs(self, hidden, tokens, draws) -> torch.Tensor:
-        """The sampled tokens' log-probs through ``fused_linear_logprobs``, the trainer's op."""
-        temps = [d.params.temperature or 1.0 for d in draws]
-        out = torch.empty(len(draws), dtype=torch.float32, device=self.device)
-        weight = self.model.lm_head.weight
-        for t in sorted(set(temps)):
-            rows = torch.tensor([i for i, x in enumerate(temps) if x == t], device=self.device)
-            out[rows] = ops.fused_linear_logprobs(hidden[rows], weight, tokens[rows],
-                                                  temperature=t)
-        return out
+    @torch.no_grad()
+    def score(self, token_ids: list[int], num_prompt: int, temperature: float) -> list[float]:
+        """Log-probs of ``token_ids[num_prompt:]`` the way the trainer computes them: one
+        full forward of the sequence to hidden states, then ``fused_linear_logprobs``."""
+        ids = torch.tensor([token_ids], device=self.device)
+        hidden = self.model.forward_hidden(ids).hidden_states[0, num_prompt - 1:-1]
+        logprobs = ops.fused_linear_logprobs(hidden, self.model.lm_head.weight,
+                                             ids[0, num_prompt:], temperature=temperature or 1.0)
+        return logprobs.tolist()
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture_cuda_graphs(self, max_context: int = 4096) -> None:
