@@ -264,8 +264,10 @@ def moe_routing(topk_ids: torch.Tensor, num_experts: int):
     """
     flat = topk_ids.reshape(-1).long()
     sorted_pairs = torch.argsort(flat, stable=True)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0)
+    # searchsorted, not bincount: CUDA bincount reads the max id on the host (a sync that
+    # also breaks CUDA-graph capture of the decode step)
+    experts = torch.arange(num_experts + 1, device=flat.device)
+    offsets = torch.searchsorted(flat[sorted_pairs], experts, out_int32=True)
     row_of_pair = torch.empty_like(sorted_pairs)
     row_of_pair[sorted_pairs] = torch.arange(flat.numel(), device=flat.device)
     return sorted_pairs.int(), offsets, row_of_pair.int().reshape(topk_ids.shape)
