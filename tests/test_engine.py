@@ -350,3 +350,20 @@ def test_gpu_seeded_sampling_and_prefix_cache():
     assert again.num_cached_tokens == (36 - 1) // 4 * 4
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
     assert _all_free(llm)
+
+
+def test_chat_formats_with_the_template(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, block_size=4)
+    messages = [{"role": "user", "content": "what does it cost?"}]
+    chat = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert llm.tokenizer.decode(chat.prompt_token_ids) == text
+    direct = llm.generate([chat.prompt_token_ids], SamplingParams(temperature=0, max_tokens=5,
+                                                                   ignore_eos=True))[0]
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_a_pool_smaller_than_one_context_is_refused(moe_pair):
+    _, model = moe_pair
+    with pytest.raises(ValueError, match="num_kv_blocks=3 cannot hold one sequence"):
+        LLM(model, block_size=4, num_kv_blocks=3, max_model_len=40)

@@ -81,6 +81,20 @@ class LLM:
                     self.engine.abort_request(request_id)
         return [finished[r] for r in order]
 
+    def chat(self, conversations, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {role, content}) or a list of
+        them, formatted by the tokenizer's chat template with the generation prompt."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = []
+        for messages in conversations:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, params)
+
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it."""
         request_id = f"stream-{next(self._ids)}"

@@ -89,6 +89,9 @@ class LLMEngine:
                                   f"(max_waiting={self.config.max_waiting}); retry later")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if self.blocks.blocks_needed(len(ids)) + params.n - 1 > self.blocks.num_blocks:
+            raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n} needs more KV "
+                             f"blocks than the pool has ({self.blocks.num_blocks})")
         now = time.perf_counter() if arrival_time is None else arrival_time
         request = _Request(request_id, ids, params,
                            min(params.max_tokens, self.max_model_len - len(ids)), now)
@@ -152,6 +155,10 @@ class LLMEngine:
             self._weights_version = version
             self.reset_prefix_cache()
         chunks = self.scheduler.schedule()
+        if not chunks and self.scheduler.has_work():  # a decode step preempted everything
+            chunks = self.scheduler.schedule()
+            if not chunks:  # admission checks rule this out
+                raise RuntimeError("the scheduler cannot place any waiting sequence")
         if not chunks:
             return []
         draws, completing = [], [c for c in chunks if c.completes]

@@ -54,6 +54,10 @@ class ModelRunner:
         per_block = PagedKVCache.bytes_per_block(mc.num_hidden_layers, self.block_size,
                                                  mc.num_key_value_heads, mc.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks(per_block)
+        if num_blocks < self.max_blocks_per_seq:  # else a long sequence could never run
+            raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one sequence of "
+                             f"max_model_len={max_model_len} ({self.max_blocks_per_seq} blocks "
+                             f"of {self.block_size}); raise it or lower max_model_len")
         self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
                                   mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
                                   device=self.device)
