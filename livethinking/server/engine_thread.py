@@ -1,0 +1,258 @@
+"""An asyncio front for the synchronous engine: one background thread owns the `LLMEngine`.
+
+`LLMEngine` is not thread-safe, so every call into it (add, abort, step, stats) happens on
+the one thread this module starts. The event loop talks to that thread through a
+thread-safe command queue; the thread hands outputs back through per-request
+`asyncio.Queue`s (``loop.call_soon_threadsafe``) and answers commands that need a reply
+(admission, stats) through `concurrent.futures.Future`s. While no request is unfinished
+the thread blocks on the command queue: it never spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from livethinking.engine.outputs import RequestOutput
+from livethinking.engine.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineDeadError"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running (never started, shut down, or a step failed)."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    reply: concurrent.futures.Future
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _Stats:
+    reply: concurrent.futures.Future
+
+
+class _Stop:
+    pass
+
+
+@dataclass(slots=True)
+class _Route:
+    """Where the engine thread delivers one request's outputs."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    """Runs one `LLMEngine` in a background thread and streams its outputs to asyncio.
+
+    ``generate`` admits a request (the engine's ``ValueError`` / ``EngineFullError`` are
+    raised to its caller), then yields the request's cumulative `RequestOutput` after each
+    engine step until it finishes. Closing or cancelling the iterator early (a client that
+    went away) aborts the request, which frees its KV blocks.
+    """
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}  # touched by the engine thread only
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (read-only use from other threads)."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output the engine accepts, in tokens."""
+        return self.engine.max_model_len
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the engine thread (no-op when it already runs)."""
+        if self.running:
+            return
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="livethinking-engine",
+                                        daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine thread after the step in progress and wait for it; unfinished
+        requests are aborted and their consumers get `EngineDeadError`."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._commands.put(_Stop())
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"the engine thread did not stop within {timeout} s")
+        self._thread = None
+        self._drain_after_stop()  # a command that raced the stop
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       *, arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Admit a request and yield its cumulative outputs, the last one finished.
+
+        Raises what the engine's ``add_request`` raises (``ValueError`` for a bad request,
+        ``EngineFullError`` when the waiting queue is full) before yielding anything.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        admitted: bool | None = None  # None: unknown (the add command may still run)
+        finished = False
+        self._commands.put(_Add(request_id, prompt, params, arrival, loop, outputs, reply))
+        try:
+            try:
+                await asyncio.wrap_future(reply)
+            except BaseException as exc:
+                if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    admitted = False
+                raise
+            admitted = True
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine thread already dropped it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            # Cancelled, closed early or failed: free the request's KV blocks now. Never
+            # await here: this runs inside cancelled scopes and generator finalizers.
+            if admitted is not False and not finished:
+                self._commands.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread (unknown ids are ignored)."""
+        self._commands.put(_Abort(request_id))
+
+    async def stats(self):
+        """The engine's `EngineStats`, read on the engine thread after the commands sent
+        before this call were applied."""
+        if not self.running:
+            return self.engine.stats()  # no other thread touches the engine
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Stats(reply))
+        return await asyncio.wrap_future(reply)
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if not self.running:
+            raise EngineDeadError("the engine is not running"
+                                  + (f" ({self._error!r})" if self._error else ""))
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                # Block for a command while idle; otherwise take what is queued and step.
+                if not engine.has_unfinished_requests():
+                    if not self._apply(self._commands.get()):
+                        return
+                while True:
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._apply(command):
+                        return
+                if engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:  # a failed step: fail everyone, refuse new work
+            self._error = exc
+            self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+            raise
+        finally:
+            self._fail_all(EngineDeadError("the engine was shut down"))
+            self._drain_after_stop()
+
+    def _apply(self, command) -> bool:
+        """Apply one command on the engine thread; False means stop."""
+        if isinstance(command, _Add):
+            if command.reply.set_running_or_notify_cancel():
+                try:
+                    self.engine.add_request(command.request_id, command.prompt, command.params,
+                                            arrival_time=command.arrival_time)
+                except Exception as exc:  # ValueError, EngineFullError: the caller's problem
+                    command.reply.set_exception(exc)
+                else:
+                    self._routes[command.request_id] = _Route(command.loop, command.outputs)
+                    command.reply.set_result(None)
+        elif isinstance(command, _Abort):
+            if self._routes.pop(command.request_id, None) is not None:
+                self.engine.abort_request(command.request_id)
+        elif isinstance(command, _Stats):
+            if command.reply.set_running_or_notify_cancel():
+                try:
+                    command.reply.set_result(self.engine.stats())
+                except Exception as exc:
+                    command.reply.set_exception(exc)
+        elif isinstance(command, _Stop):
+            return False
+        return True
+
+    def _step(self) -> None:
+        for output in self.engine.step():
+            route = self._routes.get(output.request_id)
+            if route is None:
+                continue
+            if output.finished:
+                del self._routes[output.request_id]
+            route.put(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        routes, self._routes = self._routes, {}
+        for request_id, route in routes.items():
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                pass
+            route.put(error)
+
+    def _drain_after_stop(self) -> None:
+        """Answer commands that arrived after the stop, so no caller waits forever."""
+        dead = EngineDeadError("the engine was shut down")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, (_Add, _Stats)) and command.reply.set_running_or_notify_cancel():
+                command.reply.set_exception(dead)
