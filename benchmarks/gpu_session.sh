@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh moe          # fused MoE vs grouped_mm / transformers / naive
 #   bash benchmarks/gpu_session.sh grpo         # fused log-probs + GRPO loss vs naive / Liger / bare GEMMs
 #   bash benchmarks/gpu_session.sh model        # CausalLM vs transformers at Qwen3-30B-A3B shapes
+#   bash benchmarks/gpu_session.sh engine       # TTFT / decode tokens/s of the engine, 30B-A3B shapes
 #
 # Stages after `build` need the build in place: run them in the same held machine, or
 # chain them in one call (`build test`). Logs and CSVs go to $OUT (the device tool
@@ -51,6 +52,9 @@ for stage in "$@"; do
     model)
       run model pytest benchmarks/bench_model.py -q -p no:cacheprovider \
         --benchmark-json="$OUT/model.json" ;;
-    *) echo "unknown stage '$stage' (build test routing tune moe grpo model)" >&2; exit 2 ;;
+    engine)
+      run engine python3 benchmarks/bench_ttft.py --model 30b-a3b --layers "${LAYERS:-48}" \
+        --markdown --out-csv "$OUT/ttft.csv" ;;
+    *) echo "unknown stage '$stage' (build test routing tune moe grpo model engine)" >&2; exit 2 ;;
   esac
 done

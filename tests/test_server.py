@@ -6,11 +6,15 @@ import json
 import threading
 import time
 
-import httpx2
-import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+
+# the server stack comes with the package and its dev extra; the bare GPU image lacks it
+fastapi = pytest.importorskip("fastapi")
+httpx2 = pytest.importorskip("httpx2")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+text_string_to_metric_families = pytest.importorskip(
+    "prometheus_client.parser").text_string_to_metric_families
 
 from livethinking.engine import LLM, EngineConfig
 from livethinking.server import AsyncEngine, build_app
