@@ -70,6 +70,19 @@ def test_greedy_matches_transformers_generate(case):
     assert _all_free(llm)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_through_the_paged_decode_kernel_matches_transformers(case):
+    hf, ours = _hf_and_ours(case)
+    prompts = _prompts([3, 13])  # the kernel runs under the Triton interpreter here
+    llm = LLM(ours, **SMALL, paged_decode_kernel=True)
+    assert llm.engine.runner.cache.decode_kernel
+    for prompt, output in zip(prompts, llm.generate(prompts, SamplingParams(
+            temperature=0, max_tokens=6, ignore_eos=True))):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
+                          do_sample=False)[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == ref
+
+
 def test_logprobs_are_log_softmax_over_temperature_before_truncation(moe_pair):
     _, model = moe_pair
     prompt = _prompts([9])[0]

@@ -34,6 +34,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     deterministic: bool = False
+    paged_decode_kernel: bool | None = None  # Triton decode attention; None: on CUDA only
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -60,7 +60,7 @@ class ModelRunner:
                              f"of {self.block_size}); raise it or lower max_model_len")
         self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
                                   mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
-                                  device=self.device)
+                                  device=self.device, decode_kernel=config.paged_decode_kernel)
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_blocks = 0

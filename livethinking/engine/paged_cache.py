@@ -8,6 +8,10 @@ Before each forward the runner calls :meth:`PagedKVCache.set_batch` with, per ro
 slots its new tokens go to and its block table; :meth:`update` scatters a layer's new k/v
 into the pool, gathers each row's keys in position order through its block table and
 returns them with the mask "key position <= query position and < context length".
+:meth:`attend` does the attention too: for decode (one token per row) with
+``decode_kernel`` on, the Triton paged kernel reads K/V straight from the pool up to each
+row's own context length (no gather; the cost under CUDA graphs follows the real context,
+not the padded block table); otherwise the gather and a masked SDPA.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from livethinking.kernels.paged_attention import paged_decode_attention
 
 __all__ = ["PagedBatch", "PagedKVCache"]
 
@@ -23,18 +30,23 @@ __all__ = ["PagedBatch", "PagedKVCache"]
 class PagedBatch:
     slot_mapping: torch.Tensor  # (B, T) long: pool slot of each new token; trash for padding
     block_tables: torch.Tensor  # (B, max_blocks) long; padding entries may be any block
-    mask: torch.Tensor  # (B, 1, T, max_blocks · block_size) bool
+    context_lens: torch.Tensor  # (B,) long: tokens with KV after this step
+    positions: torch.Tensor  # (B, T) long
+    mask: torch.Tensor | None = None  # (B, 1, T, max_blocks · block_size) bool, on first use
 
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str,
+                 decode_kernel: bool | None = None) -> None:
         shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.trash_slot = num_blocks * block_size
+        # the Triton decode kernel: on CUDA by default (the interpreter runs it on CPU)
+        self.decode_kernel = self.k.is_cuda if decode_kernel is None else decode_kernel
         self.batch: PagedBatch | None = None
 
     @staticmethod
@@ -46,19 +58,15 @@ class PagedKVCache:
                   block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         """positions, slot_mapping (B, T) long; block_tables (B, max_blocks) long;
         context_lens (B,) long = tokens with KV after this step. Pure tensor ops (capturable)."""
-        key_pos = torch.arange(block_tables.shape[1] * self.block_size, device=positions.device)
-        mask = ((key_pos[None, None, :] <= positions[:, :, None])
-                & (key_pos[None, None, :] < context_lens[:, None, None]))[:, None]
-        self.batch = PagedBatch(slot_mapping, block_tables, mask)
+        self.batch = PagedBatch(slot_mapping, block_tables, context_lens, positions)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's KV in every layer (forking a partly filled block)."""
         self.k[:, dst].copy_(self.k[:, src])
         self.v[:, dst].copy_(self.v[:, src])
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v (B, kv_heads, T, D) -> keys/values (B, kv_heads, S, D) and mask (B, 1, T, S)."""
+    def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> PagedBatch:
         batch = self.batch
         if batch is None or batch.slot_mapping.shape != positions.shape:
             raise RuntimeError("PagedKVCache.set_batch must describe this batch before the "
@@ -69,7 +77,32 @@ class PagedKVCache:
         v_pool = self.v[layer_idx].view(-1, heads, dim)
         k_pool.index_copy_(0, slots, k.transpose(1, 2).reshape(-1, heads, dim).to(k_pool.dtype))
         v_pool.index_copy_(0, slots, v.transpose(1, 2).reshape(-1, heads, dim).to(v_pool.dtype))
+        return batch
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, kv_heads, T, D) -> keys/values (B, kv_heads, S, D) and mask (B, 1, T, S)."""
+        batch = self._write(layer_idx, k, v, positions)
+        heads, dim = k.shape[1], k.shape[3]
         rows = batch.block_tables.shape[0]
         k_all = self.k[layer_idx][batch.block_tables].view(rows, -1, heads, dim).transpose(1, 2)
         v_all = self.v[layer_idx][batch.block_tables].view(rows, -1, heads, dim).transpose(1, 2)
+        if batch.mask is None:  # key position <= query position, < context length
+            key_pos = torch.arange(batch.block_tables.shape[1] * self.block_size,
+                                   device=positions.device)
+            batch.mask = ((key_pos[None, None, :] <= batch.positions[:, :, None])
+                          & (key_pos[None, None, :] < batch.context_lens[:, None, None]))[:, None]
         return k_all, v_all, batch.mask
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, kv_heads, T, D) and attend q (B, heads, T, D) -> (B, heads, T, D)."""
+        if self.decode_kernel and q.shape[2] == 1:
+            batch = self._write(layer_idx, k, v, positions)
+            out = paged_decode_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx],
+                                         batch.block_tables, batch.context_lens)
+            return out[:, :, None]
+        k_all, v_all, mask = self.update(layer_idx, k, v, positions)
+        return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
+                                              attn_mask=mask,
+                                              enable_gqa=k_all.shape[1] != q.shape[1])

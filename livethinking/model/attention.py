@@ -6,7 +6,8 @@ Three ways in, chosen by :class:`AttentionInputs`:
   flash-attn's varlen kernel when it is importable (CUDA, fp16/bf16), otherwise SDPA with
   a block-diagonal causal mask;
 - a KV cache: keys/values go through :meth:`KVCache.update`, which returns what to
-  attend over and the mask.
+  attend over and the mask; a cache with its own ``attend(layer_idx, q, k, v, positions)
+  -> (B, heads, T, D)`` (the engine's paged cache, with a paged decode kernel) does both.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class Attention(nn.Module):
         q = apply_rotary(q, inputs.cos, inputs.sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)  # (B, heads, T, D)
 
-        if inputs.kv_cache is not None:
+        if inputs.kv_cache is not None and hasattr(inputs.kv_cache, "attend"):
+            out = inputs.kv_cache.attend(self.layer_idx, q, k, v, inputs.positions)
+        elif inputs.kv_cache is not None:
             k, v, mask = inputs.kv_cache.update(self.layer_idx, k, v, inputs.positions)
             out = self._sdpa(q, k, v, mask, is_causal=False)
         elif inputs.cu_seqlens is not None and use_flash_varlen(q):

@@ -1,0 +1,111 @@
+"""The Triton paged decode-attention kernel (interpreted on CPU) against a float64 gather."""
+
+import pytest
+import torch
+
+from livethinking.kernels.paged_attention import (paged_decode_attention,
+                                                  paged_decode_attention_reference)
+
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _inputs(generator, batch, heads, kv_heads, dim, block_size, contexts, dtype,
+            num_blocks=48, device="cpu"):
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    q = torch.randn(batch, heads, dim, generator=generator)
+    width = max(-(-c // block_size) for c in contexts) + 2  # tables longer than needed
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:width]
+                          for _ in range(batch)])
+    # entries past each row's context point at a block full of huge values: must not be read
+    poison = num_blocks - 1
+    for b, c in enumerate(contexts):
+        tables[b][tables[b] == poison] = tables[b][0] if tables[b][0] != poison else 0
+        tables[b, -(-c // block_size):] = poison
+    k_pool[poison] = 1e4
+    v_pool[poison] = float("nan")
+    to = dict(dtype=dtype, device=device)
+    return (q.to(**to), k_pool.to(**to), v_pool.to(**to), tables.to(device),
+            torch.tensor(contexts, device=device))
+
+
+def _plain(q, k_pool, v_pool, tables, contexts):
+    """The gather + softmax in the inputs' own dtype: the error yardstick."""
+    out = torch.empty_like(q)
+    bs, kv_heads, dim = k_pool.shape[1], k_pool.shape[2], q.shape[2]
+    for b, c in enumerate(contexts.tolist()):
+        blocks = tables[b, :-(-c // bs)].long()
+        k = k_pool[blocks].reshape(-1, kv_heads, dim)[:c].repeat_interleave(q.shape[1] // kv_heads, 1)
+        v = v_pool[blocks].reshape(-1, kv_heads, dim)[:c].repeat_interleave(q.shape[1] // kv_heads, 1)
+        probs = torch.softmax(torch.einsum("hd,shd->hs", q[b] * dim**-0.5, k), dim=-1)
+        out[b] = torch.einsum("hs,shd->hd", probs, v)
+    return out
+
+
+CASES = [  # batch, heads, kv_heads, dim, block_size, contexts, num_splits
+    (1, 1, 1, 8, 4, [1], None),
+    (3, 4, 2, 8, 4, [1, 5, 9], None),
+    (2, 3, 1, 12, 16, [17, 33], 3),  # group of 3 (padded), head dim 12 (padded)
+    (1, 8, 4, 16, 4, [31], None),
+    (4, 6, 6, 8, 4, [4, 8, 1, 2], 16),  # more splits than blocks: empty splits merge away
+    (2, 4, 2, 24, 8, [40, 7], 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:5])) + f"-ctx{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_float64_within_the_plain_budget(case, dtype, generator):
+    batch, heads, kv_heads, dim, bs, contexts, splits = case
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, batch, heads, kv_heads, dim, bs, contexts, dtype)
+    out = paged_decode_attention(q, k_pool, v_pool, tables, ctx, num_splits=splits)
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
+    plain = _plain(q, k_pool, v_pool, tables, ctx)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    ours_error = (out.double() - exact).abs().max().item()
+    plain_error = (plain.double() - exact).abs().max().item()
+    floor = 8 * EPS[dtype] * exact.abs().max().item()
+    assert ours_error <= 2 * plain_error + floor, (ours_error, plain_error, floor)
+
+
+def test_splits_do_not_change_the_result_beyond_roundoff(generator):
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 2, 4, 2, 16, 4, [37, 21], torch.float32)
+    one = paged_decode_attention(q, k_pool, v_pool, tables, ctx, num_splits=1)
+    many = paged_decode_attention(q, k_pool, v_pool, tables, ctx, num_splits=7)
+    assert torch.allclose(one, many, rtol=0, atol=1e-5)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 4, 8)
+    pool = torch.randn(3, 4, 2, 8)
+    out = paged_decode_attention(q, pool, pool, torch.zeros(0, 2, dtype=torch.long),
+                                 torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=torch.randn(2, 4)), "q must be"),
+    (dict(v_pool=torch.randn(5, 4, 2, 4)), "k_pool and v_pool"),
+    (dict(q=torch.randn(2, 3, 8)), "multiple of Hkv"),
+    (dict(block_tables=torch.zeros(3, 2, dtype=torch.long)), "block_tables must be"),
+    (dict(context_lens=torch.ones(3, dtype=torch.long)), "context_lens must be"),
+])
+def test_bad_input_names_the_argument(change, match):
+    args = dict(q=torch.randn(2, 4, 8), k_pool=torch.randn(5, 4, 2, 8), v_pool=torch.randn(5, 4, 2, 8),
+                block_tables=torch.zeros(2, 2, dtype=torch.long), context_lens=torch.ones(2, dtype=torch.long))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_float64(dtype, generator):
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 5, 32, 4, 128, 16, [1, 17, 300, 2048, 4095],
+                                             dtype, num_blocks=700, device="cuda")
+    out = paged_decode_attention(q, k_pool, v_pool, tables, ctx)
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
+    plain = _plain(q, k_pool, v_pool, tables, ctx)
+    ours_error = (out.double() - exact).abs().max().item()
+    plain_error = (plain.double() - exact).abs().max().item()
+    assert ours_error <= 2 * plain_error + 8 * EPS[dtype] * exact.abs().max().item()
+
