@@ -15,9 +15,10 @@ class EngineFullError(RuntimeError):
 class EngineConfig:
     """How the engine lays out its KV cache and schedules.
 
-    ``num_kv_blocks`` None sizes the paged cache from ``gpu_memory_utilization`` of the free
-    GPU memory, or on CPU to hold ``max_num_seqs`` full-length sequences up to
-    ``cpu_kv_cache_bytes``. ``deterministic`` runs every sequence on its own (batch-invariant
+    ``num_kv_blocks`` None sizes the paged cache on CUDA as ``gpu_memory_utilization`` of
+    the GPU's total memory less the weights and the measured activation peak of a
+    ``max_num_batched_tokens`` forward; on CPU to hold ``max_num_seqs`` full-length
+    sequences up to ``cpu_kv_cache_bytes``. ``deterministic`` runs every sequence on its own (batch-invariant
     samples) and reports a finished sequence's log-probs as the trainer computes them (a
     full forward and ``fused_linear_logprobs``), at the cost of one forward per sequence.
     """

@@ -69,8 +69,7 @@ class ModelRunner:
     def _auto_num_blocks(self, per_block: int) -> int:
         cfg = self.config
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.gpu_memory_utilization)
+            budget = self._cuda_kv_budget()
         else:
             budget = cfg.cpu_kv_cache_bytes
         wanted = cfg.max_num_seqs * self.max_blocks_per_seq
@@ -80,6 +79,26 @@ class ModelRunner:
                              f"than one sequence of max_model_len needs "
                              f"({self.max_blocks_per_seq}); lower max_model_len or raise the budget")
         return blocks
+
+    @torch.no_grad()
+    def _cuda_kv_budget(self) -> int:
+        """Bytes for the KV pool: ``gpu_memory_utilization`` of the GPU's total memory, less
+        what is allocated now (weights) and the activation peak of a profiled forward of
+        ``max_num_batched_tokens`` tokens (with logits for ``max_num_seqs`` rows), less 10%."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        tokens = min(self.config.max_num_batched_tokens, self.max_blocks_per_seq * self.block_size)
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+        hidden = self.model.forward_hidden(ids).hidden_states[0]
+        self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):]).float()
+        del hidden
+        torch.cuda.synchronize(device)
+        activations = torch.cuda.max_memory_allocated(device) - resident
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(device)
+        return int(0.9 * (total * self.config.gpu_memory_utilization - resident - activations))
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, chunks: list[Chunk], pad_rows: int = 0, pad_blocks: int = 0):
