@@ -178,6 +178,41 @@ def prefix_scenario(bench: Bench, repeats: int, context: int, question: int, war
                 f"{per_req:.0f}/req (stats), min {min(cached)} (output)")]
 
 
+def transformers_rows(model: CausalLM, lens: list[int], decode_new: int, repeats: int,
+                      device: torch.device) -> list[dict]:
+    """The peer on the same weights: transformers' ``generate`` (greedy, static cache off).
+    TTFT = one call with max_new_tokens=1; decode tok/s = (N − 1) / (t(N) − t(1))."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**model.config.to_dict())
+    dtype = next(model.parameters()).dtype
+    with torch.device(device):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(2)
+
+    def timed(length: int, new: int) -> float:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen).to(device)
+        sync(device)
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        sync(device)
+        return time.perf_counter() - start
+
+    rows = []
+    with torch.no_grad():
+        for length in lens:
+            timed(length, 1)  # warm-up
+            rows.append(row("prompt (transformers)", length, 1,
+                            [timed(length, 1) for _ in range(repeats)], 0, 0.0))
+        timed(128, decode_new)
+        firsts = [timed(128, 1) for _ in range(repeats)]
+        full = [timed(128, decode_new) for _ in range(repeats)]
+        rows.append(row("decode (transformers)", 128, 1, firsts, (decode_new - 1) * repeats,
+                        sum(full) - sum(firsts)))
+    return rows
+
+
 def header(device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -223,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--out-csv", type=Path, help="CSV file to append rows to (keyed by device)")
     p.add_argument("--markdown", action="store_true", help="print a table for RESULTS.md")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="also time transformers' generate on the same weights (the peer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -280,12 +317,14 @@ def main(argv=None) -> int:
             bench, repeats, lambda: [bench.tokens(conc_prompt) for _ in range(n)], new)))
     add(*prefix_scenario(bench, repeats, context, args.question, args.warm_requests))
     add(row("decode", 128, 1, *repeated(bench, repeats, lambda: [bench.tokens(128)], decode_new)))
+    if args.vs_transformers:
+        add(*transformers_rows(model, lens, decode_new, repeats, device))
     stats = engine.stats()
     print(f"engine stats: prefill {stats.prefill_tokens} tokens, decode {stats.decode_tokens}, "
           f"prefix hit rate {stats.prefix_cache_hit_rate:.1%}, preemptions {stats.num_preemptions}")
 
     per_token, bound = roofline(model, 128 + decode_new // 2)
-    measured = float(rows[-1]["decode_tok_s"])
+    measured = float(next(r for r in rows if r["scenario"] == "decode")["decode_tok_s"])
     note = (f"Decode roofline (batch 1, context ~{128 + decode_new // 2}): "
             f"{per_token / 1e9:.3f} GB read per token (attention, norms, router, lm_head, "
             f"{mc.num_experts_per_tok}/{mc.num_experts} of the experts, KV) -> at most "
