@@ -66,6 +66,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self._seq_ids = itertools.count()
+        self._params = list(model.parameters())  # walking the module tree costs ~ms per step
         self._weights_version = self._weight_version()
         self.prefill_tokens = 0
         self.decode_tokens = 0
@@ -146,7 +147,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def _weight_version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return sum(p._version for p in self._params)
 
     def step(self) -> list[RequestOutput]:
         """One forward over a scheduled batch; outputs of the requests that advanced."""

@@ -130,8 +130,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def _forward(self, ids, pos, slots, tables, ctx) -> torch.Tensor:
-        self.cache.set_batch(pos, slots, tables, ctx)
+    def _forward(self, ids, pos, slots, tables, ctx, fresh: bool = False) -> torch.Tensor:
+        self.cache.set_batch(pos, slots, tables, ctx, fresh=fresh)
         return self.model.forward_step_hidden(ids, pos, self.cache)  # (B, T, H)
 
     def _last_hidden(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -141,7 +141,9 @@ class ModelRunner:
         if graph_size is not None:
             return self._replay(chunks, graph_size)
         inputs = self._inputs(chunks)
-        hidden = self._forward(*inputs)
+        fresh = all(c.seq.num_computed == 0 and c.num_tokens == chunks[0].num_tokens
+                    for c in chunks)
+        hidden = self._forward(*inputs, fresh=fresh)
         last = torch.tensor([c.num_tokens - 1 for c in chunks], device=self.device)
         return hidden[torch.arange(len(chunks), device=self.device), last]
 

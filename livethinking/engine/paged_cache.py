@@ -33,6 +33,7 @@ class PagedBatch:
     context_lens: torch.Tensor  # (B,) long: tokens with KV after this step
     positions: torch.Tensor  # (B, T) long
     mask: torch.Tensor | None = None  # (B, 1, T, max_blocks · block_size) bool, on first use
+    fresh: bool = False  # every row starts at position 0 with no padding: plain causal
 
 
 class PagedKVCache:
@@ -55,10 +56,13 @@ class PagedKVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     def set_batch(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+                  block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                  fresh: bool = False) -> None:
         """positions, slot_mapping (B, T) long; block_tables (B, max_blocks) long;
-        context_lens (B,) long = tokens with KV after this step. Pure tensor ops (capturable)."""
-        self.batch = PagedBatch(slot_mapping, block_tables, context_lens, positions)
+        context_lens (B,) long = tokens with KV after this step. ``fresh``: the caller
+        knows every row is a whole prompt from position 0 without padding, so attention is
+        plain causal over the new keys (no gather, no mask: the fast SDPA kernels)."""
+        self.batch = PagedBatch(slot_mapping, block_tables, context_lens, positions, fresh=fresh)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's KV in every layer (forking a partly filled block)."""
@@ -97,6 +101,10 @@ class PagedKVCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
         """Store k, v (B, kv_heads, T, D) and attend q (B, heads, T, D) -> (B, heads, T, D)."""
+        if self.batch is not None and self.batch.fresh:
+            self._write(layer_idx, k, v, positions)
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
         if self.decode_kernel and q.shape[2] == 1:
             batch = self._write(layer_idx, k, v, positions)
             out = paged_decode_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx],
