@@ -40,6 +40,39 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_make_demo(args: argparse.Namespace) -> int:
+    from livethinking.data import make_demo
+
+    try:
+        paths = make_demo(args.out, num_products=args.products,
+                          questions_per_product=args.questions_per_product,
+                          heldout_fraction=args.heldout_fraction, seed=args.seed)
+    except ValueError as e:
+        print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths.num_train} train and {paths.num_heldout} held-out records to "
+          f"{paths.out_dir} (catalogue.json, train.jsonl, heldout.jsonl, corpus.txt)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from livethinking.train import GRPOConfig, RFTConfig, load_config, run_grpo, run_rft
+
+    cls, run = (RFTConfig, run_rft) if args.command == "rft" else (GRPOConfig, run_grpo)
+    config = load_config(cls, args.config, args.overrides)
+    final = run(config, resume=args.resume)
+    print(f"{args.command}: final model in {final}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from livethinking.train import DemoSize, run_demo
+
+    run_demo(args.out, size=DemoSize.quick() if args.quick else DemoSize(), seed=args.seed,
+             threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livethinking",
                                      description="Kernels, trainer and inference for small MoE "
@@ -75,6 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)
+
+    for name, text in (("rft", "rejection-sampling fine-tuning of a student on judged teacher "
+                                "samples"),
+                       ("grpo", "group-relative policy optimisation with correctness, "
+                                "helpfulness and length rewards")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", help="YAML config file")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue from the latest checkpoint in run.output_dir")
+        sub.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides, dotted keys nest (optim.lr=1e-5)")
+        sub.set_defaults(run=_train)
+
+    demo = commands.add_parser("demo", help="the whole recipe on synthetic livestream data, "
+                                            "on a CPU in minutes")
+    demo.add_argument("--out", default="livethinking-demo", help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a reduced size (seconds; for CI)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads")
+    demo.set_defaults(run=_demo)
+
+    data = commands.add_parser("data", help="livestream data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    make_demo = data_commands.add_parser("make-demo", help="write the synthetic livestream "
+                                                           "set (catalogue, train, held-out, "
+                                                           "tokenizer corpus)")
+    make_demo.add_argument("--out", required=True, help="output directory")
+    make_demo.add_argument("--products", type=int, default=24, help="catalogue size")
+    make_demo.add_argument("--questions-per-product", type=int, default=8)
+    make_demo.add_argument("--heldout-fraction", type=float, default=0.2,
+                           help="share of products kept for held-out prompts")
+    make_demo.add_argument("--seed", type=int, default=0)
+    make_demo.set_defaults(run=_data_make_demo)
     return parser
 
 

@@ -1,0 +1,8 @@
+"""``python -m livethinking.train rft|grpo --config FILE [key=value ...]`` (e.g. under torchrun)."""
+
+import sys
+
+from livethinking.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""Training checkpoints: the model in Hugging Face format plus everything needed to resume.
+
+Layout under ``output_dir/checkpoints``: ``step-00000012/`` holding ``model/`` (safetensors,
+config.json, tokenizer files), ``trainer_state.pt`` (optimizer with fp32 masters and the
+lr schedule, RNG states, data position, run statistics; tensors and plain data only, read
+back with ``weights_only=True``) and ``config.yaml``; ``LATEST`` names the newest. A
+checkpoint is written in a temporary directory renamed into place and ``LATEST`` is
+replaced atomically, so a crash mid-save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = ["latest_checkpoint", "load_trainer_state", "rng_state", "save_training_checkpoint",
+           "set_rng_state"]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict,
+                             config_yaml: str, *, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and point LATEST at it; keep the newest ``keep``."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f".LATEST-{os.getpid()}"
+    pointer.write_text(name)
+    os.replace(pointer, root / "LATEST")
+    old = sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    """The checkpoint LATEST names, or None when there is none."""
+    pointer = Path(output_dir) / "checkpoints" / "LATEST"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which holds no trainer_state.pt")
+    return path
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")

@@ -1,0 +1,202 @@
+"""The trainer's configuration: nested, validated dataclasses (see ``config_io``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["GRPOConfig", "JudgeConfig", "LossConfig", "OptimConfig", "RFTConfig", "RewardConfig",
+           "RolloutConfig", "RunConfig", "TeacherConfig"]
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    output_dir: str = "runs/livethinking"
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if present
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.save_every < 0:
+            raise ValueError("log_every must be >= 1 and save_every >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW on fp32 master weights; lr warms up linearly over ``warmup_steps`` then
+    follows a cosine to ``min_lr_ratio · lr`` at the last step; global-norm clipping."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise ValueError("warmup_steps >= 0, min_lr_ratio in [0, 1], grad_clip >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class JudgeConfig:
+    """``rule``: the rule-based judges; ``llm``: an LLM judge over an OpenAI-compatible
+    endpoint (``base_url``, ``model``)."""
+
+    kind: Literal["rule", "llm"] = "rule"
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str = "EMPTY"
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.kind == "llm" and not (self.base_url and self.model):
+            raise ValueError("an llm judge needs base_url and model")
+
+
+@dataclass(kw_only=True, slots=True)
+class TeacherConfig:
+    """Where RFT samples come from: ``jsonl`` (a file of {id, response}), ``engine`` (a
+    local checkpoint through our engine), ``openai`` (an OpenAI-compatible endpoint, e.g.
+    a vLLM server of a large teacher), or ``demo`` (the programmatic demo teacher)."""
+
+    kind: Literal["jsonl", "engine", "openai", "demo"] = "jsonl"
+    path: str | None = None  # the JSONL file or the checkpoint directory
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str = "EMPTY"
+    k: int = 4  # samples per prompt
+    temperature: float = 1.0
+    max_tokens: int = 256
+    error_rate: float = 0.25  # demo teacher only
+
+    def __post_init__(self) -> None:
+        _positive(self, "k", "max_tokens")
+        if self.kind in ("jsonl", "engine") and not self.path:
+            raise ValueError(f"a {self.kind} teacher needs path")
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError("an openai teacher needs base_url and model")
+
+
+@dataclass(kw_only=True, slots=True)
+class RFTConfig:
+    """Rejection-sampling fine-tuning: keep teacher samples judged correct AND helpful,
+    then SFT on them (packed rows, loss on response tokens, + MoE balance loss)."""
+
+    model: str  # the student checkpoint directory
+    train_data: str
+    eval_data: str | None = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    system_prompt: str | None = None  # None: the default livestream instructions
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    helpful_threshold: float = 0.75
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs
+    row_tokens: int = 1024  # tokens per packed row
+    rows_per_step: int = 4  # rows per optimizer step (accumulated one at a time)
+    aux_loss: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "row_tokens", "rows_per_step")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    """G samples per prompt from the in-process engine (shared weights) or external
+    OpenAI-compatible servers (``base_urls``; their log-probs get an importance-sampling
+    correction against the trainer's)."""
+
+    source: Literal["engine", "openai"] = "engine"
+    base_urls: list[str] = field(default_factory=list)
+    served_model: str | None = None
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 128
+    deterministic: bool = False  # the engine's trainer-consistent mode
+    is_cap: float = 2.0  # truncation of the importance weights (TIS)
+
+    def __post_init__(self) -> None:
+        _positive(self, "group_size", "max_tokens", "temperature", "is_cap")
+        if self.source == "openai" and not (self.base_urls and self.served_model):
+            raise ValueError("openai rollouts need base_urls and served_model")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """Every option of ``fused_linear_grpo_loss``."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or self.epsilon_low < 0:
+            raise ValueError("beta and epsilon_low must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    """total = w_c·C + w_h·H + w_l·r_len; r_len from the band [λ_lo, λ_hi]·L_ref with
+    L_ref the starting (RFT) model's mean response length unless given."""
+
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    w_correctness: float = 1.0
+    w_helpfulness: float = 0.5
+    w_length: float = 0.5
+    l_ref: float | None = None
+    lambda_lo: float = 0.3
+    lambda_hi: float = 0.6
+    epsilon: float | None = None  # None: 0.5 · L_ref
+
+
+@dataclass(kw_only=True, slots=True)
+class GRPOConfig:
+    model: str  # the RFT checkpoint directory
+    train_data: str
+    eval_data: str | None = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    system_prompt: str | None = None
+    steps: int = 20
+    prompts_per_step: int = 8
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (minibatches)
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
+    max_refill_rounds: int = 3
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "prompts_per_step", "updates_per_batch")
+        if self.prompts_per_step % self.updates_per_batch:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                             f"updates_per_batch ({self.updates_per_batch})")

@@ -1,0 +1,106 @@
+"""The tensors of a GRPO update: rollouts -> padded rows and completion windows; log-probs
+of completions under a model; the policy-loss backward on one minibatch.
+
+A row is prompt + completion (right-padded). Completion token j of row b is predicted by
+the hidden state at position ``prompt_len_b − 1 + j``; those states are gathered into a
+(B, Tc) window so ``fused_linear_grpo_loss`` sees completions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from livethinking import ops
+from livethinking.train.config import LossConfig
+from livethinking.train.rollout import Rollout
+
+__all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "policy_loss_backward"]
+
+
+@dataclass(slots=True)
+class GRPOBatch:
+    input_ids: torch.Tensor  # (N, T) long, right-padded with 0
+    window: torch.Tensor  # (N, Tc) long: position predicting completion token j
+    targets: torch.Tensor  # (N, Tc) long: completion tokens (0 past the end)
+    mask: torch.Tensor  # (N, Tc) float: 1 on completion tokens
+    sampler_logprobs: torch.Tensor | None  # (N, Tc) float32 from the sampler, when all had them
+
+    def rows(self, index: torch.Tensor) -> "GRPOBatch":
+        pick = (lambda t: None if t is None else t[index])
+        return GRPOBatch(self.input_ids[index], self.window[index], self.targets[index],
+                         self.mask[index], pick(self.sampler_logprobs))
+
+
+def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    steps = max(lengths)
+    comp = max(1, max(len(r.completion_ids) for r in rollouts))
+    n = len(rollouts)
+    ids = torch.zeros(n, steps, dtype=torch.long)
+    window = torch.zeros(n, comp, dtype=torch.long)
+    targets = torch.zeros(n, comp, dtype=torch.long)
+    mask = torch.zeros(n, comp)
+    have_logprobs = all(r.logprobs is not None for r in rollouts)
+    sampler = torch.zeros(n, comp) if have_logprobs else None
+    for b, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        ids[b, :p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        window[b] = torch.clamp(torch.arange(comp) + p - 1, max=steps - 1)
+        targets[b, :c] = torch.tensor(r.completion_ids, dtype=torch.long)
+        mask[b, :c] = 1.0
+        if sampler is not None:
+            sampler[b, :c] = torch.tensor(r.logprobs[:c])
+    to = (lambda t: None if t is None else t.to(device))
+    return GRPOBatch(ids.to(device), window.to(device), targets.to(device), mask.to(device),
+                     to(sampler))
+
+
+def _window_hidden(model, batch: GRPOBatch):
+    out = model.forward_hidden(batch.input_ids)
+    hidden = out.hidden_states  # (N, T, H)
+    index = batch.window[..., None].expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index), out  # (N, Tc, H)
+
+
+@torch.no_grad()
+def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int = 8
+                        ) -> torch.Tensor:
+    """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask)."""
+    out = []
+    for start in range(0, batch.input_ids.shape[0], chunk):
+        part = batch.rows(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
+                                       device=batch.input_ids.device))
+        hidden, _ = _window_hidden(model, part)
+        logp = ops.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]),
+                                         model.lm_head.weight, part.targets.reshape(-1),
+                                         temperature=temperature)
+        out.append(logp.reshape(part.targets.shape) * part.mask)
+    return torch.cat(out)
+
+
+def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
+                         old_logprobs, ref_logprobs, rollout_is_weights, loss: LossConfig,
+                         temperature: float, max_completion_length: int,
+                         aux_loss: bool = True) -> dict[str, float]:
+    """Backward of the GRPO-family loss (+ MoE balance loss) on one minibatch."""
+    hidden, out = _window_hidden(model, batch)
+    value, stats = ops.fused_linear_grpo_loss(
+        hidden, model.lm_head.weight, batch.targets, batch.mask, advantages,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, temperature=temperature,
+        beta=loss.beta, epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high,
+        delta=loss.delta, loss_type=loss.loss_type,
+        importance_sampling_level=loss.importance_sampling_level,
+        max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
+        rollout_is_weights=rollout_is_weights)
+    total = value
+    if aux_loss and out.weighted_aux_loss is not None:
+        total = total + out.weighted_aux_loss
+    total.backward()
+    result = {"loss": float(value)}
+    for key in ("entropy", "kl", "clip_ratio_region", "clip_ratio_low", "clip_ratio_high",
+                "ratio"):
+        if key in stats:
+            result[key] = float(stats[key])
+    return result

@@ -1,0 +1,75 @@
+"""Packing (prompt, response) examples into fixed-length rows for SFT.
+
+Each example is a document ``prompt + response`` in the row; attention never crosses
+documents (``cu_seqlens``) and positions restart per document. The loss covers the
+positions whose *next* token belongs to the response: target[i] = tokens[i + 1].
+First-fit over examples in a seeded order; an example longer than the row loses the
+tail of its response (counted).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PackedRow", "pack_examples"]
+
+
+@dataclass(slots=True)
+class PackedRow:
+    input_ids: torch.Tensor  # (T,) long, padded with 0 after the last document
+    targets: torch.Tensor  # (T,) long: the next token (0 where not trained)
+    loss_mask: torch.Tensor  # (T,) bool: positions predicting a response token
+    cu_seqlens: torch.Tensor  # (docs + 1,) int32; the padding is a last document
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], row_tokens: int, *,
+                  seed: int = 0) -> tuple[list[PackedRow], int]:
+    """Rows of ``row_tokens`` from (prompt_ids, response_ids) pairs; returns (rows, number
+    of truncated examples). Examples whose prompt alone fills a row are dropped (counted)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[list[tuple[list[int], int]]] = []  # per row: (tokens, prompt length)
+    space: list[int] = []
+    truncated = 0
+    for i in order:
+        prompt, response = examples[i]
+        tokens = list(prompt) + list(response)
+        if len(prompt) >= row_tokens:
+            truncated += 1
+            continue
+        if len(tokens) > row_tokens:
+            tokens = tokens[:row_tokens]
+            truncated += 1
+        for r, free in enumerate(space):
+            if len(tokens) <= free:
+                rows[r].append((tokens, len(prompt)))
+                space[r] -= len(tokens)
+                break
+        else:
+            rows.append([(tokens, len(prompt))])
+            space.append(row_tokens - len(tokens))
+    return [_build_row(docs, row_tokens) for docs in rows], truncated
+
+
+def _build_row(docs: list[tuple[list[int], int]], row_tokens: int) -> PackedRow:
+    ids = torch.zeros(row_tokens, dtype=torch.long)
+    targets = torch.zeros(row_tokens, dtype=torch.long)
+    mask = torch.zeros(row_tokens, dtype=torch.bool)
+    bounds, at = [0], 0
+    for tokens, prompt_len in docs:
+        n = len(tokens)
+        ids[at:at + n] = torch.tensor(tokens)
+        targets[at:at + n - 1] = torch.tensor(tokens[1:])
+        mask[at + prompt_len - 1:at + n - 1] = True  # predicts tokens[prompt_len:]
+        at += n
+        bounds.append(at)
+    if at < row_tokens:
+        bounds.append(row_tokens)
+    return PackedRow(ids, targets, mask, torch.tensor(bounds, dtype=torch.int32))

@@ -1,0 +1,78 @@
+"""RFT's rejection sampling: k teacher samples per prompt, kept when judged correct AND
+helpful. Teachers: a JSONL of samples, the programmatic demo teacher, a local checkpoint
+through our engine, or an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from livethinking.data import LivestreamRecord, load_teacher_samples
+from livethinking.train.config import TeacherConfig
+
+__all__ = ["accept_samples", "teacher_responses"]
+
+
+def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *, seed: int,
+                      system_prompt: str | None = None) -> dict[str, list[str]]:
+    """record id -> the teacher's responses (up to k)."""
+    if config.kind == "jsonl":
+        by_id: dict[str, list[str]] = defaultdict(list)
+        for sample in load_teacher_samples(config.path).items:
+            by_id[sample.id].append(sample.response)
+        return {r.id: by_id.get(r.id, [])[:config.k] for r in records}
+    if config.kind == "demo":
+        from livethinking.data import DemoTeacher
+
+        teacher = DemoTeacher(seed=seed, error_rate=config.error_rate)
+        return {r.id: teacher.respond(r, config.k) for r in records}
+    if config.kind == "engine":
+        return _engine_responses(config, records, seed, system_prompt)
+    return _openai_responses(config, records, seed, system_prompt)
+
+
+def _engine_responses(config, records, seed, system_prompt):
+    from livethinking.engine import LLM, SamplingParams
+    from livethinking.train.common import prompt_ids
+
+    llm = LLM(config.path)
+    params = [SamplingParams(n=config.k, temperature=config.temperature,
+                             max_tokens=config.max_tokens, seed=seed + i, logprobs=False)
+              for i in range(len(records))]
+    outputs = llm.generate([prompt_ids(llm.tokenizer, r, system_prompt) for r in records], params)
+    return {r.id: [c.text for c in o.outputs] for r, o in zip(records, outputs)}
+
+
+def _openai_responses(config, records, seed, system_prompt):
+    import openai
+
+    from livethinking.model.prompt import build_messages
+
+    client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key, max_retries=3)
+
+    def ask(item):
+        i, record = item
+        history = [{"role": t.role, "content": t.content} for t in record.history]
+        reply = client.chat.completions.create(
+            model=config.model, n=config.k, temperature=config.temperature, seed=seed + i,
+            max_tokens=config.max_tokens,
+            messages=build_messages(record.product_doc, history, record.question,
+                                    system_prompt=system_prompt))
+        return record.id, [c.message.content or "" for c in reply.choices]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(ask, enumerate(records)))
+
+
+def accept_samples(records, responses: dict[str, list[str]], judges, *,
+                   helpful_threshold: float) -> tuple[list[tuple[LivestreamRecord, str]], dict]:
+    """Keep (record, response) pairs judged correct (score 1) AND helpful (≥ threshold)."""
+    pairs = [(r, text) for r in records for text in responses.get(r.id, [])]
+    correctness, helpfulness = judges
+    c = correctness.judge_many([p[0] for p in pairs], [p[1] for p in pairs])
+    h = helpfulness.judge_many([p[0] for p in pairs], [p[1] for p in pairs])
+    kept = [p for p, cv, hv in zip(pairs, c, h) if cv.score >= 1.0 and hv.score >= helpful_threshold]
+    stats = {"samples": len(pairs), "accepted": len(kept),
+             "correct": sum(v.score >= 1.0 for v in c), "prompts_with_a_sample":
+             len({r.id for r, _ in kept})}
+    return kept, stats
