@@ -463,3 +463,24 @@ def test_llm_judge_rejects_bad_config(server):
         LLMJudge(server.url, "m", concurrency=0)
     helpful = LLMJudge(server.url, "m", kind="helpfulness")
     assert "helpful" in helpful.prompt(case("json"), "It is red.")
+
+
+def test_length_reward_can_require_a_correct_answer():
+    from livethinking.data import LivestreamRecord
+    from livethinking.rewards import LengthBand, LivestreamReward, RewardWeights, Verdict
+
+    class Fixed:
+        def __init__(self, score):
+            self.score = score
+
+        def judge_many(self, records, responses):
+            return [Verdict(self.score, "fixed") for _ in responses]
+
+    record = LivestreamRecord(id="r", product_doc="# Product: X\ncolor: red", question="What color?")
+    band = LengthBand(l_ref=10.0, lambda_lo=0.5, lambda_hi=1.0, epsilon=5.0)
+    weights = RewardWeights(correctness=1.0, helpfulness=0.0, length=2.0)
+    for correct, gated, expected in [(0.0, False, 2.0), (0.0, True, 0.0), (1.0, True, 3.0)]:
+        reward = LivestreamReward(Fixed(correct), Fixed(0.0), band, weights,
+                                  length_needs_correct=gated)
+        (out,) = reward.score_many([record], ["x"], [7])
+        assert out.total == expected and out.length == 1.0

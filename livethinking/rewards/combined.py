@@ -1,10 +1,11 @@
 """The GRPO reward of the livestream task and the RFT acceptance rule.
 
-    total = w_c·C + w_h·H + w_l·r_len
+    total = w_c·C + w_h·H + w_l·r_len          (length_needs_correct: w_l·C·r_len)
 
 with C and H the correctness and helpfulness judges' scores and r_len the length-band
 reward of the response's token count (`LengthBand`; r_len = 0 and w_l unused without a
-band). RFT keeps a teacher sample when C >= 1 and H >= 0.75 (`is_accepted`).
+band). Gating the length term on correctness (``length_needs_correct``) stops a policy
+from buying length reward with short wrong answers. RFT keeps a teacher sample when C >= 1 and H >= 0.75 (`is_accepted`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class RewardBreakdown:
 class LivestreamReward:
     """total = w_c·C + w_h·H + w_l·r_len over a batch of responses."""
 
-    __slots__ = ("correctness", "helpfulness", "band", "weights")
+    __slots__ = ("correctness", "helpfulness", "band", "weights", "length_needs_correct")
 
     def __init__(self, correctness: Judge, helpfulness: Judge, band: LengthBand | None = None,
-                 weights: RewardWeights | None = None):
+                 weights: RewardWeights | None = None, *, length_needs_correct: bool = False):
+        self.length_needs_correct = length_needs_correct
         self.correctness = correctness
         self.helpfulness = helpfulness
         self.band = band
@@ -75,7 +77,7 @@ class LivestreamReward:
             r_len = 0.0
             if self.band is not None:
                 r_len = self.band.reward(n)
-                total += w.length * r_len
+                total += w.length * r_len * (c.score if self.length_needs_correct else 1.0)
                 reasons["length"] = (f"{n} tokens, band [{self.band.low:g}, "
                                      f"{self.band.high:g}]")
             out.append(RewardBreakdown(total=total, correctness=c.score,

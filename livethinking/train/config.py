@@ -175,6 +175,7 @@ class RewardConfig:
     lambda_lo: float = 0.3
     lambda_hi: float = 0.6
     epsilon: float | None = None  # None: 0.5 · L_ref
+    length_needs_correct: bool = False  # w_l·C·r_len: no length reward for wrong answers
 
 
 @dataclass(kw_only=True, slots=True)

@@ -29,13 +29,13 @@ SYSTEM_PROMPT = "Answer the viewer from the product document."
 class DemoSize:
     """The knobs that set the demo's cost; ``quick()`` is the CI size."""
 
-    products: int = 24
-    questions_per_product: int = 8
-    hidden: int = 96
+    products: int = 40
+    questions_per_product: int = 6
+    hidden: int = 128
     layers: int = 2
     experts: int = 4
     teacher_k: int = 4
-    rft_epochs: int = 30
+    rft_epochs: int = 6
     grpo_steps: int = 30
     prompts_per_step: int = 8
     group_size: int = 8
@@ -130,7 +130,7 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     quiet = RunConfig(seed=seed, progress=False, tensorboard=False)
     rft = RFTConfig(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM_PROMPT,
                     teacher=TeacherConfig(kind="demo", k=size.teacher_k),
-                    epochs=size.rft_epochs, row_tokens=512, rows_per_step=2,
+                    epochs=size.rft_epochs, row_tokens=512, rows_per_step=4,
                     optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0),
                     run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "rft")}))
     rft_model = run_rft(rft, log=log)
@@ -141,9 +141,10 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                       rollout=RolloutConfig(group_size=size.group_size, temperature=1.0,
                                             max_tokens=size.max_tokens),
                       reward=RewardConfig(w_correctness=1.0, w_helpfulness=0.5, w_length=1.0,
-                                          lambda_lo=0.2, lambda_hi=0.4),
-                      loss=LossConfig(loss_type="dapo", epsilon_high=0.28),
-                      optim=OptimConfig(lr=5e-4, warmup_steps=0, min_lr_ratio=1.0),
+                                          lambda_lo=0.2, lambda_hi=0.4,
+                                          length_needs_correct=True),
+                      loss=LossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.02),
+                      optim=OptimConfig(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0),
                       run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "grpo")}))
     grpo_model = run_grpo(grpo, log=log)
     rows.append(measure(grpo_model, "after GRPO"))

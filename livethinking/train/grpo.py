@@ -69,7 +69,8 @@ def _reward_fn(config: GRPOConfig, l_ref: float):
                               epsilon=r.epsilon or 0.5 * l_ref) if r.w_length else None
     correctness, helpfulness = make_judges(r.judge)
     return rewards.LivestreamReward(correctness, helpfulness, band, rewards.RewardWeights(
-        correctness=r.w_correctness, helpfulness=r.w_helpfulness, length=r.w_length))
+        correctness=r.w_correctness, helpfulness=r.w_helpfulness, length=r.w_length),
+        length_needs_correct=r.length_needs_correct)
 
 
 def _rollouts(config, llm, tokenizer, records, picks):

@@ -98,7 +98,7 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
     if aux_loss and out.weighted_aux_loss is not None:
         total = total + out.weighted_aux_loss
     total.backward()
-    result = {"loss": float(value)}
+    result = {"loss": float(value.detach())}
     for key in ("entropy", "kl", "clip_ratio_region", "clip_ratio_low", "clip_ratio_high",
                 "ratio"):
         if key in stats:

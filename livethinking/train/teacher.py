@@ -8,6 +8,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from livethinking.data import LivestreamRecord, load_teacher_samples
+from livethinking.rewards import is_accepted
 from livethinking.train.config import TeacherConfig
 
 __all__ = ["accept_samples", "teacher_responses"]
@@ -71,7 +72,8 @@ def accept_samples(records, responses: dict[str, list[str]], judges, *,
     correctness, helpfulness = judges
     c = correctness.judge_many([p[0] for p in pairs], [p[1] for p in pairs])
     h = helpfulness.judge_many([p[0] for p in pairs], [p[1] for p in pairs])
-    kept = [p for p, cv, hv in zip(pairs, c, h) if cv.score >= 1.0 and hv.score >= helpful_threshold]
+    kept = [p for p, cv, hv in zip(pairs, c, h)
+            if is_accepted(cv, hv, helpfulness_threshold=helpful_threshold)]
     stats = {"samples": len(pairs), "accepted": len(kept),
              "correct": sum(v.score >= 1.0 for v in c), "prompts_with_a_sample":
              len({r.id for r, _ in kept})}

@@ -1,0 +1,236 @@
+"""The trainer on the synthetic demo set with a tiny student (CPU): configs, optimizer,
+packing, one RFT/GRPO step moving the loss the right way, and exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from livethinking.data import load_records, make_demo
+from livethinking.model import CausalLM
+from livethinking.train import (ConfigError, GRPOConfig, LossConfig, OptimConfig, RFTConfig,
+                                RolloutConfig, RunConfig, TeacherConfig, load_config, run_grpo,
+                                run_rft)
+from livethinking.train.demo import DemoSize, build_student, build_tokenizer
+from livethinking.train.optim import MasterWeightAdamW, lr_factor
+from livethinking.train.packing import pack_examples
+
+SYSTEM = "Answer from the document."
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory):
+    """Demo data, tokenizer and a tiny random student checkpoint."""
+    root = tmp_path_factory.mktemp("train")
+    paths = make_demo(root / "data", num_products=6, questions_per_product=4, seed=3)
+    tokenizer = build_tokenizer(paths.corpus, root / "tokenizer")
+    student = build_student(tokenizer, DemoSize(hidden=32, layers=2, experts=4), root / "student", 0)
+    return paths, tokenizer, student
+
+
+def _run(tmp_path, **kw):
+    return RunConfig(output_dir=str(tmp_path), seed=1, progress=False, tensorboard=False,
+                     **kw)
+
+
+# ------------------------------------------------------------------ configs
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "grpo.yaml"
+    path.write_text("model: m\ntrain_data: d\nloss:\n  beta: 0.04\n  loss_type: grpo\n"
+                    "rollout:\n  group_size: 4\n")
+    config = load_config(GRPOConfig, path, ["loss.beta=0.1", "optim.betas=[0.9, 0.99]",
+                                            "reward.judge.kind=rule"])
+    assert config.loss.beta == 0.1 and config.loss.loss_type == "grpo"
+    assert config.rollout.group_size == 4 and config.optim.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["loss.bta=1"], r"unknown key loss\.bta"),
+    (["steps=abc"], r"steps: expected int"),
+    (["loss.loss_type=ppo"], r"loss\.loss_type: 'ppo' is not one of"),
+    (["rollout.group_size=0"], r"group_size must be > 0"),
+    (["run.dtype=float64"], r"run\.dtype"),
+    (["optim.betas=[0.9]"], r"betas must be two numbers"),
+    (["nonsense"], r"must look like key=value"),
+])
+def test_bad_config_names_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(GRPOConfig, None, ["model=m", "train_data=d"] + overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(RFTConfig, tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------ optimizer
+def test_lr_schedule_edges():
+    config = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_factor(s, config, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, config, 20) == pytest.approx(1.0)
+    assert lr_factor(12, config, 20) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, config, 20) == pytest.approx(0.1)
+
+
+def test_master_weights_update_bf16_params_in_place():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(8, 4)
+    model = torch.nn.Linear(8, 4).bfloat16()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    master_start = [p.detach().float().clone() for p in reference.parameters()]
+    config = OptimConfig(lr=1e-2, grad_clip=0.0, min_lr_ratio=1.0)  # constant lr
+    ours = MasterWeightAdamW(model.parameters(), config, total_steps=10)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                               weight_decay=0.0)
+    weight = model.weight
+    version = weight._version
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        model(x.bfloat16()).float().square().sum().backward()
+        reference.weight.grad = model.weight.grad.float()
+        reference.bias.grad = model.bias.grad.float()
+        ours.step()
+        theirs.step()
+        theirs.zero_grad()
+    assert model.weight is weight and weight._version > version  # in place: an engine sees it
+    for master, ref, start in zip(ours.master, reference.parameters(), master_start):
+        assert torch.allclose(master, ref, atol=1e-6) and not torch.equal(master, start)
+    assert torch.equal(model.weight, ours.master[0].bfloat16())
+
+
+# ------------------------------------------------------------------ packing
+def test_packing_targets_and_masks():
+    examples = [([1, 2, 3], [4, 5]), ([6, 7], [8]), ([9] * 12, [10])]
+    rows, truncated = pack_examples(examples, 10, seed=0)
+    assert truncated == 1  # the 12-token prompt cannot fit a row
+    docs = []
+    for row in rows:
+        cu = row.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == 10
+        for a, b in zip(cu, cu[1:]):
+            docs.append((row.input_ids[a:b].tolist(), row.targets[a:b].tolist(),
+                         row.loss_mask[a:b].tolist()))
+    real = [d for d in docs if any(d[2])]
+    assert sorted(d[0] for d in real) == [[1, 2, 3, 4, 5], [6, 7, 8]]
+    for ids, targets, mask in real:
+        trained = [t for t, m in zip(targets, mask) if m]
+        prompt_len = 3 if ids[0] == 1 else 2
+        assert trained == ids[prompt_len:]  # exactly the response tokens are predicted
+
+
+# ------------------------------------------------------------------ RFT
+def _rft_config(tmp_path, demo_setup, **kw):
+    paths, _, student = demo_setup
+    base = dict(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM,
+                teacher=TeacherConfig(kind="demo", k=2), epochs=3, row_tokens=384,
+                rows_per_step=2, optim=OptimConfig(lr=3e-3, warmup_steps=2),
+                run=_run(tmp_path))
+    base.update(kw)
+    return RFTConfig(**base)
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_steps_lower_the_loss_on_a_fixed_batch(demo_setup):
+    from livethinking.data import DemoTeacher
+    from livethinking.train.common import prompt_ids, response_ids
+    from livethinking.train.sft import sft_step
+
+    paths, tokenizer, student = demo_setup
+    model = CausalLM.from_pretrained(student).train()
+    records = load_records(paths.train).items[:6]
+    teacher = DemoTeacher(seed=0, error_rate=0.0)
+    examples = [(prompt_ids(tokenizer, r, SYSTEM), response_ids(tokenizer, teacher.respond(r, 1)[0]))
+                for r in records]
+    rows, _ = pack_examples(examples, 512)
+    optimizer = MasterWeightAdamW(model.parameters(), OptimConfig(lr=3e-3, min_lr_ratio=1.0), 8)
+    losses = []
+    for _ in range(6):
+        losses.append(sft_step(model, rows, torch.device("cpu"))["loss"])
+        optimizer.step()
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0]
+
+
+def test_rft_end_to_end_writes_a_loadable_model(tmp_path, demo_setup):
+    config = _rft_config(tmp_path, demo_setup, max_steps=4)
+    final = run_rft(config, log=lambda *_: None)
+    losses = _losses(tmp_path)
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    CausalLM.from_pretrained(final)
+    accepted = (tmp_path / "rft_accepted.jsonl").read_text().splitlines()
+    assert accepted and all(json.loads(a)["response"] for a in accepted)
+
+
+def test_rft_resume_is_bit_identical(tmp_path, demo_setup):
+    whole = _rft_config(tmp_path / "whole", demo_setup, max_steps=6)
+    run_rft(whole, log=lambda *_: None)
+    part = _rft_config(tmp_path / "part", demo_setup, max_steps=6,
+                       run=_run(tmp_path / "part", save_every=3))
+    run_rft(part, log=lambda *_: None)  # leaves a checkpoint at step 3
+    assert (tmp_path / "part" / "checkpoints" / "LATEST").read_text() == "step-00000003"
+    run_rft(part, resume=True, log=lambda *_: None)  # as if interrupted after step 3
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "part")
+    a = CausalLM.from_pretrained(tmp_path / "whole" / "final").state_dict()
+    b = CausalLM.from_pretrained(tmp_path / "part" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ GRPO
+def _grpo_config(tmp_path, model, demo_setup, **kw):
+    paths, _, _ = demo_setup
+    base = dict(model=str(model), train_data=str(paths.train), system_prompt=SYSTEM, steps=2,
+                prompts_per_step=2, rollout=RolloutConfig(group_size=4, max_tokens=24),
+                loss=LossConfig(beta=0.02), optim=OptimConfig(lr=1e-3), run=_run(tmp_path))
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def rft_model(tmp_path_factory, demo_setup):
+    out = tmp_path_factory.mktemp("rft")
+    return run_rft(_rft_config(out, demo_setup, max_steps=8), log=lambda *_: None)
+
+
+def test_grpo_update_moves_logprobs_with_the_advantage(demo_setup, rft_model):
+    from livethinking.train.grpo_step import (build_batch, completion_logprobs,
+                                              policy_loss_backward)
+    from livethinking.train.rollout import Rollout
+
+    paths, tokenizer, _ = demo_setup
+    model = CausalLM.from_pretrained(rft_model).train()
+    record = load_records(paths.train).items[0]
+    prompt = tokenizer.encode("hello", add_special_tokens=False)
+    completions = [tokenizer.encode(t, add_special_tokens=False)
+                   for t in ("It comes in red.", "It costs 29 dollars.", "Sorry, no.", "Great!")]
+    batch = build_batch([Rollout(record, prompt, c, "", None) for c in completions],
+                        torch.device("cpu"))
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    before = completion_logprobs(model, batch, 1.0).sum(1)
+    optimizer = MasterWeightAdamW(model.parameters(), OptimConfig(lr=1e-3, grad_clip=0), 1)
+    policy_loss_backward(model, batch, advantages, old_logprobs=None, ref_logprobs=None,
+                         rollout_is_weights=None, loss=LossConfig(), temperature=1.0,
+                         max_completion_length=8)
+    optimizer.step()
+    after = completion_logprobs(model, batch, 1.0).sum(1)
+    change = after - before
+    assert change[:2].min() > 0 and change[2:].max() < 0
+
+
+def test_grpo_runs_and_resumes_bit_identically(tmp_path, demo_setup, rft_model):
+    whole = _grpo_config(tmp_path / "whole", rft_model, demo_setup, steps=3)
+    run_grpo(whole, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all("reward/total" in r and "response_tokens" in r for r in rows)
+    part = _grpo_config(tmp_path / "part", rft_model, demo_setup, steps=3,
+                        run=_run(tmp_path / "part", save_every=2))
+    run_grpo(part, log=lambda *_: None)
+    run_grpo(part, resume=True, log=lambda *_: None)  # from step 2: repeats step 3
+    again = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    strip = (lambda r: {k: v for k, v in r.items() if not k.endswith("_s")})
+    assert [strip(r) for r in again] == [strip(r) for r in rows]
