@@ -92,3 +92,17 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_checkpoint")
     model.save_pretrained(path, tokenizer=tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_setup(tmp_path_factory):
+    """The synthetic livestream set (6 products), its tokenizer and a tiny random student
+    checkpoint: (DemoPaths, tokenizer, student directory)."""
+    from livethinking.data import make_demo
+    from livethinking.train.demo import DemoSize, build_student, build_tokenizer
+
+    root = tmp_path_factory.mktemp("demo_setup")
+    paths = make_demo(root / "data", num_products=6, questions_per_product=4, seed=3)
+    tokenizer = build_tokenizer(paths.corpus, root / "tokenizer")
+    student = build_student(tokenizer, DemoSize(hidden=32, layers=2, experts=4), root / "student", 0)
+    return paths, tokenizer, student

@@ -7,26 +7,15 @@ import math
 import pytest
 import torch
 
-from livethinking.data import load_records, make_demo
+from livethinking.data import load_records
 from livethinking.model import CausalLM
 from livethinking.train import (ConfigError, GRPOConfig, LossConfig, OptimConfig, RFTConfig,
                                 RolloutConfig, RunConfig, TeacherConfig, load_config, run_grpo,
                                 run_rft)
-from livethinking.train.demo import DemoSize, build_student, build_tokenizer
 from livethinking.train.optim import MasterWeightAdamW, lr_factor
 from livethinking.train.packing import pack_examples
 
 SYSTEM = "Answer from the document."
-
-
-@pytest.fixture(scope="module")
-def demo_setup(tmp_path_factory):
-    """Demo data, tokenizer and a tiny random student checkpoint."""
-    root = tmp_path_factory.mktemp("train")
-    paths = make_demo(root / "data", num_products=6, questions_per_product=4, seed=3)
-    tokenizer = build_tokenizer(paths.corpus, root / "tokenizer")
-    student = build_student(tokenizer, DemoSize(hidden=32, layers=2, experts=4), root / "student", 0)
-    return paths, tokenizer, student
 
 
 def _run(tmp_path, **kw):

@@ -43,6 +43,7 @@ class HiddenOutput:
     router_logits: tuple[torch.Tensor, ...]  # one (B·T, E) per MoE layer
     aux_loss: torch.Tensor | None  # transformers' load_balancing_loss_func; None if dense
     router_aux_loss_coef: float = 0.0
+    head_output: object = None  # what forward_hidden's ``head`` returned
 
     @property
     def weighted_aux_loss(self) -> torch.Tensor | None:
@@ -133,12 +134,15 @@ class CausalLM(nn.Module):
         return self.model.norm(x), router_logits
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       cu_seqlens: torch.Tensor | None = None) -> HiddenOutput:
+                       cu_seqlens: torch.Tensor | None = None, head=None) -> HiddenOutput:
         """Training forward to the final hidden states (after the final norm).
 
         input_ids (B, T); position_ids (B, T), default 0..T-1 (restarting per document
         when ``cu_seqlens`` is given). ``cu_seqlens`` (docs + 1,) int, [0, ..., T]: B must
         be 1, the row holds several documents and attention never crosses them.
+        ``head(hidden_states, lm_head_weight)``, when given, runs inside this call (so under
+        FSDP the lm_head weight is unsharded for it) and its result is ``head_output``:
+        the place for a fused loss on the hidden states.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -162,7 +166,9 @@ class CausalLM(nn.Module):
         if router_logits:
             aux = load_balancing_loss(tuple(router_logits), self.config.num_experts,
                                       self.config.num_experts_per_tok)
-        return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef)
+        head_output = None if head is None else head(hidden, self.lm_head.weight)
+        return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef,
+                            head_output)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)

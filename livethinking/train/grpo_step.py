@@ -57,11 +57,9 @@ def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
                      to(sampler))
 
 
-def _window_hidden(model, batch: GRPOBatch):
-    out = model.forward_hidden(batch.input_ids)
-    hidden = out.hidden_states  # (N, T, H)
-    index = batch.window[..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, index), out  # (N, Tc, H)
+def _window(hidden: torch.Tensor, batch: GRPOBatch) -> torch.Tensor:
+    """(N, T, H) hidden states -> (N, Tc, H) at the positions predicting completion tokens."""
+    return hidden.gather(1, batch.window[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 @torch.no_grad()
@@ -72,10 +70,13 @@ def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int 
     for start in range(0, batch.input_ids.shape[0], chunk):
         part = batch.rows(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
                                        device=batch.input_ids.device))
-        hidden, _ = _window_hidden(model, part)
-        logp = ops.fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]),
-                                         model.lm_head.weight, part.targets.reshape(-1),
-                                         temperature=temperature)
+
+        def head(hidden, weight, part=part):
+            window = _window(hidden, part)
+            return ops.fused_linear_logprobs(window.reshape(-1, window.shape[-1]), weight,
+                                             part.targets.reshape(-1), temperature=temperature)
+
+        logp = model.forward_hidden(part.input_ids, head=head).head_output
         out.append(logp.reshape(part.targets.shape) * part.mask)
     return torch.cat(out)
 
@@ -85,15 +86,18 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                          temperature: float, max_completion_length: int,
                          aux_loss: bool = True) -> dict[str, float]:
     """Backward of the GRPO-family loss (+ MoE balance loss) on one minibatch."""
-    hidden, out = _window_hidden(model, batch)
-    value, stats = ops.fused_linear_grpo_loss(
-        hidden, model.lm_head.weight, batch.targets, batch.mask, advantages,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, temperature=temperature,
-        beta=loss.beta, epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high,
-        delta=loss.delta, loss_type=loss.loss_type,
-        importance_sampling_level=loss.importance_sampling_level,
-        max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
-        rollout_is_weights=rollout_is_weights)
+    def head(hidden, weight):
+        return ops.fused_linear_grpo_loss(
+            _window(hidden, batch), weight, batch.targets, batch.mask, advantages,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, temperature=temperature,
+            beta=loss.beta, epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high,
+            delta=loss.delta, loss_type=loss.loss_type,
+            importance_sampling_level=loss.importance_sampling_level,
+            max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
+            rollout_is_weights=rollout_is_weights)
+
+    out = model.forward_hidden(batch.input_ids, head=head)
+    value, stats = out.head_output
     total = value
     if aux_loss and out.weighted_aux_loss is not None:
         total = total + out.weighted_aux_loss

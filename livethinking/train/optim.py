@@ -52,8 +52,9 @@ class MasterWeightAdamW:
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
         grads = [m.grad for m in self.master if m.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-            if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: DTensor grads give a DTensor norm
+            norm = norm.full_tensor()
         if self.config.grad_clip > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(grads, self.config.grad_clip, norm, foreach=True)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -22,7 +22,9 @@ from livethinking.train.checkpointing import (latest_checkpoint, load_trainer_st
                                               save_training_checkpoint, set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device, response_ids
 from livethinking.train.config import RFTConfig
-from livethinking.train.config_io import config_to_dict
+from livethinking.train.config_io import ConfigError, config_to_dict
+from livethinking.train.distributed import (all_reduce_sum, full_state_dict, init_distributed,
+                                            shard_model)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
 from livethinking.train.optim import MasterWeightAdamW
 from livethinking.train.packing import pack_examples
@@ -32,7 +34,7 @@ from livethinking.train.teacher import accept_samples, teacher_responses
 __all__ = ["run_rft"]
 
 
-def _accepted(config: RFTConfig, records, out: Path, reuse: bool):
+def _accepted(config: RFTConfig, records, out: Path, reuse: bool, write: bool = True):
     path = out / "rft_accepted.jsonl"
     by_id = {r.id: r for r in records}
     if reuse and path.is_file():
@@ -42,6 +44,8 @@ def _accepted(config: RFTConfig, records, out: Path, reuse: bool):
                                   system_prompt=config.system_prompt)
     kept, stats = accept_samples(records, responses, make_judges(config.judge),
                                  helpful_threshold=config.helpful_threshold)
+    if not write:
+        return kept, stats
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"id": r.id, "response": text}) + "\n" for r, text in kept))
     tmp.replace(path)
@@ -55,12 +59,21 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
     torch.manual_seed(config.run.seed)
     random.seed(config.run.seed)
     device, dtype = resolve_device(config.run)
+    dist = init_distributed(device)
+    if dist.world_size > 1 and (resume or config.run.save_every):
+        raise ConfigError("run.save_every and --resume are single-process for now; under "
+                          "torchrun only the final model is written")
+    if not dist.is_main:
+        log = (lambda *_: None)
     checkpoint = latest_checkpoint(out) if resume else None
     model, tokenizer = load_policy(checkpoint / "model" if checkpoint else config.model,
                                    device, dtype)
+    if dist.world_size > 1:
+        shard_model(model, dist)
     records: list[LivestreamRecord] = load_records(config.train_data,
                                                    on_error=config.on_bad_record).items
-    kept, sample_stats = _accepted(config, records, out, reuse=checkpoint is not None)
+    kept, sample_stats = _accepted(config, records, out, reuse=checkpoint is not None,
+                                   write=dist.is_main)
     log(f"rft: {len(records)} prompts; teacher samples {sample_stats}")
     if not kept:
         raise RuntimeError("no teacher sample was judged correct and helpful: nothing to train on")
@@ -80,9 +93,10 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
     log(f"rft: {len(kept)} examples in {len(rows)} rows of {config.row_tokens} tokens "
         f"({truncated} truncated); {total} steps")
     logger = MetricsLogger(out, tensorboard=config.run.tensorboard,
-                           resume_step=start if checkpoint is not None else None)
+                           resume_step=start if checkpoint is not None else None) \
+        if dist.is_main else None
     config_yaml = json.dumps(config_to_dict(config), indent=2)
-    progress = _progress(config.run.progress, total, start, "rft")
+    progress = _progress(config.run.progress and dist.is_main, total, start, "rft")
     for step in range(start, total):
         epoch, index = divmod(step, steps_per_epoch)
         order = list(range(len(rows)))
@@ -90,10 +104,15 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
         batch = [rows[i] for i in order[index * config.rows_per_step:
                                          (index + 1) * config.rows_per_step]]
         began = time.perf_counter()
-        stats = sft_step(model, batch, device, aux_loss=config.aux_loss)
+        mine = batch[dist.rank::dist.world_size]  # this rank's rows of the global batch
+        (tokens,) = all_reduce_sum([sum(r.num_loss_tokens for r in mine)], dist)
+        stats = sft_step(model, mine, device, aux_loss=config.aux_loss, total_tokens=int(tokens),
+                         total_rows=len(batch), world_size=dist.world_size)
+        stats["loss"], stats["aux_loss"], stats["tokens"] = all_reduce_sum(
+            [stats["loss"], stats["aux_loss"], stats["tokens"]], dist)
         stats |= optimizer.step()
         stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - began)
-        if (step + 1) % config.run.log_every == 0 or step + 1 == total:
+        if logger is not None and ((step + 1) % config.run.log_every == 0 or step + 1 == total):
             logger.log(step + 1, stats)
         if progress is not None:
             progress.update(1)
@@ -104,8 +123,21 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
                 config_yaml)
     if progress is not None:
         progress.close()
+    final = out / "final"
+    if dist.world_size > 1:
+        from livethinking.model.checkpoint import save_checkpoint
+
+        state = full_state_dict(model, dist)  # a collective: every rank takes part
+        if dist.is_main:
+            save_checkpoint(state, model.config.to_dict(), final, tokenizer=tokenizer)
+        from torch.distributed import barrier
+
+        barrier()
+    else:
+        model.save_pretrained(final, tokenizer=tokenizer)
+    if logger is None:
+        return final
     logger.close()
-    final = model.save_pretrained(out / "final", tokenizer=tokenizer)
     if config.run.plots:
         plot_metrics(logger.path, out / "plots", {"RFT loss": ["loss", "aux_loss"],
                                                   "RFT grad norm": ["grad_norm"]})

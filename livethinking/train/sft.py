@@ -18,24 +18,33 @@ __all__ = ["sft_step"]
 
 
 def sft_step(model, rows: list[PackedRow], device: torch.device, *, aux_loss: bool = True,
-             token_count: int | None = None) -> dict[str, float]:
+             total_tokens: int | None = None, total_rows: int | None = None,
+             world_size: int = 1) -> dict[str, float]:
     """Accumulate gradients of the step's loss over ``rows``; returns its statistics.
-    ``token_count`` overrides the normaliser (all ranks' response tokens, under FSDP)."""
-    tokens = token_count if token_count is not None else sum(r.num_loss_tokens for r in rows)
-    tokens = max(1, tokens)
+
+    Under data parallelism each rank passes its own rows plus the step's totals over all
+    ranks (``total_tokens`` response tokens, ``total_rows``) and ``world_size``: FSDP
+    averages gradients over ranks, so each rank's loss is scaled by the world size.
+    """
+    tokens = max(1, total_tokens if total_tokens is not None
+                 else sum(r.num_loss_tokens for r in rows))
+    num_rows = max(1, total_rows if total_rows is not None else len(rows))
     nll_sum, aux_sum = 0.0, 0.0
-    weight = model.lm_head.weight
     for row in rows:
-        out = model.forward_hidden(row.input_ids[None].to(device),
-                                   cu_seqlens=row.cu_seqlens.to(device))
         mask = row.loss_mask.to(device)
-        hidden = out.hidden_states[0][mask]  # (n, H)
-        logp = ops.fused_linear_logprobs(hidden, weight, row.targets.to(device)[mask])
+        targets = row.targets.to(device)[mask]
+
+        def head(hidden, weight):  # hidden (1, T, H) -> log-probs of the response tokens
+            return ops.fused_linear_logprobs(hidden[0][mask], weight, targets)
+
+        out = model.forward_hidden(row.input_ids[None].to(device),
+                                   cu_seqlens=row.cu_seqlens.to(device), head=head)
+        logp = out.head_output
         loss = -logp.sum() / tokens
         if aux_loss and out.weighted_aux_loss is not None:
-            loss = loss + out.weighted_aux_loss / len(rows)
+            loss = loss + out.weighted_aux_loss / num_rows
             aux_sum += float(out.aux_loss.detach())
-        loss.backward()
+        (loss * world_size).backward()
         nll_sum += float(-logp.detach().sum())
-    return {"loss": nll_sum / tokens, "aux_loss": aux_sum / max(1, len(rows)),
+    return {"loss": nll_sum / tokens, "aux_loss": aux_sum / num_rows,
             "tokens": float(sum(r.num_loss_tokens for r in rows))}

@@ -1,0 +1,73 @@
+"""Data parallelism with FSDP2 (``fully_shard``) under torchrun: NCCL on GPUs, gloo on CPU.
+
+Each decoder layer and then the whole model are sharded over a 1-D device mesh;
+``forward_hidden`` is registered as an FSDP forward method, so parameters (the lm_head
+used by a loss ``head`` included) are gathered for it and gradients are reduce-scattered
+(averaged over ranks) after backward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DistributedContext", "all_reduce_sum", "full_state_dict", "init_distributed",
+           "shard_model"]
+
+
+@dataclass(slots=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    mesh: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), mesh)
+
+
+def shard_model(model, context: DistributedContext) -> None:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=context.mesh)
+    fully_shard(model, mesh=context.mesh)
+    register_fsdp_forward_method(model, "forward_hidden")
+
+
+def all_reduce_sum(values: list[float], context: DistributedContext) -> list[float]:
+    if context.world_size == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def full_state_dict(model, context: DistributedContext) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on the CPU (a collective: every rank must call it)."""
+    if context.world_size == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))

@@ -1,0 +1,49 @@
+"""FSDP2 data parallelism under torchrun on CPU (gloo): 2 processes follow the same loss
+trajectory as 1 process on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from livethinking.model import CausalLM
+
+
+def _rft(tmp_path, demo_setup, name, nproc):
+    paths, _, student = demo_setup
+    out = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(
+        f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
+        "teacher: {kind: demo, k: 2}\nmax_steps: 4\nrow_tokens: 256\nrows_per_step: 4\n"
+        "optim: {lr: 0.003, warmup_steps: 1}\n"
+        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
+    command = [sys.executable, "-m", "livethinking.train", "rft", "--config", str(config)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={nproc}", "-m", "livethinking.train", "rft",
+                   "--config", str(config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, out / "final"
+
+
+def test_two_processes_follow_one_process(tmp_path, demo_setup):
+    one, one_final = _rft(tmp_path, demo_setup, "one", 1)
+    two, two_final = _rft(tmp_path, demo_setup, "two", 2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["tokens"] == a["tokens"]  # the same global batch
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert one[-1]["loss"] != one[0]["loss"]  # the weights did move
+    a = CausalLM.from_pretrained(one_final).state_dict()
+    b = CausalLM.from_pretrained(two_final).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
