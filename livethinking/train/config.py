@@ -174,7 +174,7 @@ class RewardConfig:
     l_ref: float | None = None
     lambda_lo: float = 0.3
     lambda_hi: float = 0.6
-    epsilon: float | None = None  # None: 0.5 · L_ref
+    epsilon: float | None = None  # None: L_ref (r_len reaches 0 one L_ref outside the band)
     length_needs_correct: bool = False  # w_l·C·r_len: no length reward for wrong answers
 
 

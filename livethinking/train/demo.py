@@ -35,8 +35,8 @@ class DemoSize:
     layers: int = 2
     experts: int = 4
     teacher_k: int = 4
-    rft_epochs: int = 6
-    grpo_steps: int = 30
+    rft_epochs: int = 8
+    grpo_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
     max_tokens: int = 128
@@ -141,10 +141,10 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                       rollout=RolloutConfig(group_size=size.group_size, temperature=1.0,
                                             max_tokens=size.max_tokens),
                       reward=RewardConfig(w_correctness=1.0, w_helpfulness=0.5, w_length=1.0,
-                                          lambda_lo=0.2, lambda_hi=0.4,
+                                          lambda_lo=0.2, lambda_hi=0.45,
                                           length_needs_correct=True),
                       loss=LossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.02),
-                      optim=OptimConfig(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0),
+                      optim=OptimConfig(lr=6e-4, warmup_steps=0, min_lr_ratio=1.0),
                       run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "grpo")}))
     grpo_model = run_grpo(grpo, log=log)
     rows.append(measure(grpo_model, "after GRPO"))

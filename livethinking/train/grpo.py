@@ -66,7 +66,7 @@ def _reward_fn(config: GRPOConfig, l_ref: float):
 
     r = config.reward
     band = rewards.LengthBand(l_ref=l_ref, lambda_lo=r.lambda_lo, lambda_hi=r.lambda_hi,
-                              epsilon=r.epsilon or 0.5 * l_ref) if r.w_length else None
+                              epsilon=r.epsilon or l_ref) if r.w_length else None
     correctness, helpfulness = make_judges(r.judge)
     return rewards.LivestreamReward(correctness, helpfulness, band, rewards.RewardWeights(
         correctness=r.w_correctness, helpfulness=r.w_helpfulness, length=r.w_length),
