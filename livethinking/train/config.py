@@ -84,7 +84,9 @@ class TeacherConfig:
     k: int = 4  # samples per prompt
     temperature: float = 1.0
     max_tokens: int = 256
-    error_rate: float = 0.25  # demo teacher only
+    error_rate: float = 0.25  # demo teacher only: wrong answers, filler sentences
+    min_filler: int = 1
+    max_filler: int = 6
 
     def __post_init__(self) -> None:
         _positive(self, "k", "max_tokens")

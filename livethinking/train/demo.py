@@ -39,7 +39,7 @@ class DemoSize:
     grpo_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
-    max_tokens: int = 128
+    max_tokens: int = 160
     eval_prompts: int = 48
 
     @classmethod
@@ -129,7 +129,8 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     rows = [measure(student, "student before training")]
     quiet = RunConfig(seed=seed, progress=False, tensorboard=False)
     rft = RFTConfig(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM_PROMPT,
-                    teacher=TeacherConfig(kind="demo", k=size.teacher_k),
+                    teacher=TeacherConfig(kind="demo", k=size.teacher_k, min_filler=0,
+                                          max_filler=10),
                     epochs=size.rft_epochs, row_tokens=512, rows_per_step=4,
                     optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0),
                     run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "rft")}))
@@ -140,7 +141,7 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                       prompts_per_step=size.prompts_per_step,
                       rollout=RolloutConfig(group_size=size.group_size, temperature=1.0,
                                             max_tokens=size.max_tokens),
-                      reward=RewardConfig(w_correctness=1.0, w_helpfulness=0.5, w_length=1.0,
+                      reward=RewardConfig(w_correctness=1.0, w_helpfulness=0.5, w_length=2.0,
                                           lambda_lo=0.2, lambda_hi=0.45,
                                           length_needs_correct=True),
                       loss=LossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.02),

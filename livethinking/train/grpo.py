@@ -28,7 +28,7 @@ from livethinking.train.checkpointing import (latest_checkpoint, load_trainer_st
                                               save_training_checkpoint, set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device
 from livethinking.train.config import GRPOConfig
-from livethinking.train.config_io import config_to_dict
+from livethinking.train.config_io import ConfigError, config_to_dict
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
@@ -99,6 +99,11 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
     """Run GRPO; returns the directory of the final model (Hugging Face format)."""
     from livethinking.engine import LLM
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("grpo runs in one process for now (the in-process engine needs the "
+                          "full weights); use torchrun for rft")
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)

@@ -25,7 +25,8 @@ def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *,
     if config.kind == "demo":
         from livethinking.data import DemoTeacher
 
-        teacher = DemoTeacher(seed=seed, error_rate=config.error_rate)
+        teacher = DemoTeacher(seed=seed, error_rate=config.error_rate,
+                              min_filler=config.min_filler, max_filler=config.max_filler)
         return {r.id: teacher.respond(r, config.k) for r in records}
     if config.kind == "engine":
         return _engine_responses(config, records, seed, system_prompt)
