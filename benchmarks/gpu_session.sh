@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh grpo         # fused log-probs + GRPO loss vs naive / Liger / bare GEMMs
 #   bash benchmarks/gpu_session.sh model        # CausalLM vs transformers at Qwen3-30B-A3B shapes
 #   bash benchmarks/gpu_session.sh engine       # TTFT / decode tokens/s of the engine, 30B-A3B shapes
+#   bash benchmarks/gpu_session.sh train        # RFT SFT tokens/s + MFU; GRPO step vs TRL
 #
 # Stages after `build` need the build in place: run them in the same held machine, or
 # chain them in one call (`build test`). Logs and CSVs go to $OUT (the device tool
@@ -55,6 +56,10 @@ for stage in "$@"; do
     engine)
       run engine python3 benchmarks/bench_ttft.py --model 30b-a3b --layers "${LAYERS:-48}" \
         --markdown --out-csv "$OUT/ttft.csv" ;;
-    *) echo "unknown stage '$stage' (build test routing tune moe grpo model engine)" >&2; exit 2 ;;
+    train)
+      run sft python3 benchmarks/bench_sft.py --model 30b-a3b --layers "${LAYERS:-4}" \
+        --markdown --out-csv "$OUT/sft.csv"
+      run grpo-step python3 benchmarks/bench_grpo_step.py --device cuda --out-csv "$OUT/grpo_step.csv" ;;
+    *) echo "unknown stage '$stage' (build test routing tune moe grpo model engine train)" >&2; exit 2 ;;
   esac
 done

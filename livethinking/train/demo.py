@@ -35,7 +35,7 @@ class DemoSize:
     layers: int = 2
     experts: int = 4
     teacher_k: int = 4
-    rft_epochs: int = 8
+    rft_epochs: int = 14
     grpo_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
