@@ -47,3 +47,38 @@ def test_two_processes_follow_one_process(tmp_path, demo_setup):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def _grpo(tmp_path, demo_setup, name, nproc):
+    paths, _, student = demo_setup
+    out = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    # no dynamic sampling and no aux loss: both are functions of each rank's own batch
+    config.write_text(
+        f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
+        "steps: 3\nprompts_per_step: 4\ndynamic_sampling: false\naux_loss: false\n"
+        "rollout: {group_size: 4, max_tokens: 16}\noptim: {lr: 0.001}\n"
+        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
+    command = ["-m", "livethinking.train", "grpo", "--config", str(config)]
+    if nproc > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + command
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable] + command, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
+
+
+def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup):
+    one, one_final = _grpo(tmp_path, demo_setup, "one", 1)
+    two, two_final = _grpo(tmp_path, demo_setup, "two", 2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["response_tokens"] == pytest.approx(a["response_tokens"])  # the same rollouts
+        assert b["reward/total"] == pytest.approx(a["reward/total"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    a = CausalLM.from_pretrained(one_final).state_dict()
+    b = CausalLM.from_pretrained(two_final).state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

@@ -191,6 +191,7 @@ class GRPOConfig:
     prompts_per_step: int = 8
     updates_per_batch: int = 1  # optimizer steps per rollout batch (minibatches)
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
+    aux_loss: bool = True  # add the MoE load-balancing loss of the rollout tokens
     max_refill_rounds: int = 3
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistributedContext", "all_reduce_sum", "full_state_dict", "init_distributed",
-           "shard_model"]
+__all__ = ["DistributedContext", "all_reduce_max", "all_reduce_min", "all_reduce_sum",
+           "full_state_dict", "init_distributed", "shard_model"]
 
 
 @dataclass(slots=True)
@@ -53,21 +53,35 @@ def shard_model(model, context: DistributedContext) -> None:
     register_fsdp_forward_method(model, "forward_hidden")
 
 
-def all_reduce_sum(values: list[float], context: DistributedContext) -> list[float]:
+def _all_reduce(values: list[float], context: DistributedContext, op: str) -> list[float]:
     if context.world_size == 1:
         return list(values)
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
 
 
-def full_state_dict(model, context: DistributedContext) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on the CPU (a collective: every rank must call it)."""
+def all_reduce_sum(values: list[float], context: DistributedContext) -> list[float]:
+    return _all_reduce(values, context, "SUM")
+
+
+def all_reduce_max(values: list[float], context: DistributedContext) -> list[float]:
+    return _all_reduce(values, context, "MAX")
+
+
+def all_reduce_min(values: list[float], context: DistributedContext) -> list[float]:
+    return _all_reduce(values, context, "MIN")
+
+
+def full_state_dict(model, context: DistributedContext, *, all_ranks: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (a collective: every rank must call it): on rank 0 only, on
+    the CPU, by default; on every rank, on the device, with ``all_ranks``."""
     if context.world_size == 1:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=not all_ranks))

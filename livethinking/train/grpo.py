@@ -29,6 +29,8 @@ from livethinking.train.checkpointing import (latest_checkpoint, load_trainer_st
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError, config_to_dict
+from livethinking.train.distributed import (all_reduce_max, all_reduce_min, all_reduce_sum,
+                                            full_state_dict, init_distributed, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
@@ -99,25 +101,35 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
     """Run GRPO; returns the directory of the final model (Hugging Face format)."""
     from livethinking.engine import LLM
 
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("grpo runs in one process for now (the in-process engine needs the "
-                          "full weights); use torchrun for rft")
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)
     random.seed(config.run.seed)
     device, dtype = resolve_device(config.run)
+    dist = init_distributed(device)
+    if dist.world_size > 1:
+        if resume or config.run.save_every:
+            raise ConfigError("run.save_every and --resume are single-process for now; under "
+                              "torchrun only the final model is written")
+        if config.prompts_per_step % dist.world_size:
+            raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
+                              f"of the number of processes ({dist.world_size})")
+    if not dist.is_main:
+        log = (lambda *_: None)
     checkpoint = latest_checkpoint(out) if resume else None
     model, tokenizer = load_policy(checkpoint / "model" if checkpoint else config.model,
                                    device, dtype)
+    rollout_model = model  # single process: the engine shares the policy's tensors
+    if dist.world_size > 1:  # FSDP shards the policy; the engine gets a full copy per rank,
+        rollout_model, _ = load_policy(config.model, device, dtype)  # refreshed every step
+        rollout_model.eval().requires_grad_(False)
+        shard_model(model, dist)
     reference = None
     if config.loss.beta > 0:
         reference, _ = load_policy(config.model, device, dtype)
         reference.eval().requires_grad_(False)
     records = load_records(config.train_data, on_error=config.on_bad_record).items
-    llm = LLM(model, tokenizer, deterministic=config.rollout.deterministic,
+    llm = LLM(rollout_model, tokenizer, deterministic=config.rollout.deterministic,
               max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
               max_model_len=min(model.config.max_position_embeddings, 8192))
     total_updates = config.steps * config.updates_per_batch
@@ -134,17 +146,25 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
         log(f"grpo: L_ref = {l_ref:.1f} tokens (the starting model's mean response length)")
     reward_fn = _reward_fn(config, l_ref or 1.0)
     logger = MetricsLogger(out, tensorboard=config.run.tensorboard,
-                           resume_step=start if checkpoint is not None else None)
+                           resume_step=start if checkpoint is not None else None) \
+        if dist.is_main else None
     config_json = json.dumps(config_to_dict(config), indent=2)
     progress = None
-    if config.run.progress:
+    if config.run.progress and dist.is_main:
         from tqdm.auto import tqdm
         progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step",
                         dynamic_ncols=True)
     for step in range(start, config.steps):
         stats = _step(config, model, reference, llm, tokenizer, records, stream, reward_fn,
-                      optimizer, device)
-        if (step + 1) % config.run.log_every == 0 or step + 1 == config.steps:
+                      optimizer, device, dist)
+        if dist.world_size > 1:  # the engine's copy follows the updated policy
+            with torch.no_grad():
+                rollout_model.load_state_dict(full_state_dict(model, dist, all_ranks=True))
+            keys = sorted(stats)
+            stats = dict(zip(keys, (v / dist.world_size
+                                    for v in all_reduce_sum([stats[k] for k in keys], dist))))
+        if logger is not None and ((step + 1) % config.run.log_every == 0
+                                   or step + 1 == config.steps):
             logger.log(step + 1, stats)
         if progress is not None:
             progress.update(1)
@@ -157,31 +177,54 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
                 "optimizer": optimizer.state_dict(), "rng": rng_state()}, config_json)
     if progress is not None:
         progress.close()
+    final = out / "final"
+    if dist.world_size > 1:
+        from torch.distributed import barrier
+
+        from livethinking.model.checkpoint import save_checkpoint
+
+        state = full_state_dict(model, dist)  # a collective: every rank takes part
+        if dist.is_main:
+            save_checkpoint(state, model.config.to_dict(), final, tokenizer=tokenizer)
+        barrier()
+    else:
+        model.save_pretrained(final, tokenizer=tokenizer)
+    if logger is None:
+        return final
     logger.close()
-    final = model.save_pretrained(out / "final", tokenizer=tokenizer)
     if config.run.plots:
         plot_metrics(logger.path, out / "plots", PLOTS)
     return final
 
 
 def _step(config: GRPOConfig, model, reference, llm, tokenizer, records, stream, reward_fn,
-          optimizer, device) -> dict[str, float]:
+          optimizer, device, dist) -> dict[str, float]:
+    """One rollout batch and its updates. Under data parallelism every rank draws the same
+    prompt picks (the cursor advances alike) and keeps every world_size-th; ranks then
+    agree on the smallest group count so their FSDP collectives match."""
     began = time.perf_counter()
     G = config.rollout.group_size
+    world, rank = dist.world_size, dist.rank
     groups, scores, dropped, rounds = [], [], 0, 0
-    want = config.prompts_per_step
-    while len(groups) < want and rounds <= config.max_refill_rounds:
-        new = _rollouts(config, llm, tokenizer, records, stream.take(want - len(groups)))
-        for group in new:
+    want = config.prompts_per_step // world
+    while rounds <= config.max_refill_rounds:
+        (missing,) = all_reduce_max([want - len(groups)], dist)
+        if missing <= 0:
+            break
+        picks = stream.take(int(missing) * world)[rank::world]
+        for group in _rollouts(config, llm, tokenizer, records, picks):
             breakdown = reward_fn.score_many([r.record for r in group], [r.text for r in group],
                                              [len(r.completion_ids) for r in group])
             totals = [b.total for b in breakdown]
             if config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
                 dropped += 1
                 continue
-            groups.append(group)
-            scores.append(breakdown)
+            if len(groups) < want:
+                groups.append(group)
+                scores.append(breakdown)
         rounds += 1
+    (keep,) = all_reduce_min([len(groups)], dist)
+    groups, scores = groups[:int(keep)], scores[:int(keep)]
     rollout_s = time.perf_counter() - began
     stats: dict[str, float] = {"groups_dropped": dropped, "refill_rounds": rounds - 1,
                                "rollout_s": rollout_s}
@@ -216,10 +259,15 @@ def _step(config: GRPOConfig, model, reference, llm, tokenizer, records, stream,
     for chosen in torch.tensor_split(order, min(config.updates_per_batch, len(groups))):
         rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1).to(device)
         pick = (lambda t: None if t is None else t[rows])
+        items = None
+        if world > 1:  # FSDP averages over ranks: normalise by the global count / world
+            (tokens,) = all_reduce_sum([float(batch.mask[rows].sum())], dist)
+            items = tokens / world
         result = policy_loss_backward(
             model, batch.rows(rows), advantages[rows], old_logprobs=pick(old),
             ref_logprobs=pick(ref), rollout_is_weights=pick(is_weights), loss=config.loss,
-            temperature=temperature, max_completion_length=config.rollout.max_tokens)
+            temperature=temperature, max_completion_length=config.rollout.max_tokens,
+            num_items_in_batch=items, aux_loss=config.aux_loss)
         update_stats.append(result | optimizer.step())
     for key in update_stats[0]:
         stats[key] = statistics.fmean(s[key] for s in update_stats)

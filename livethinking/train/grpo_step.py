@@ -84,6 +84,7 @@ def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int 
 def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                          old_logprobs, ref_logprobs, rollout_is_weights, loss: LossConfig,
                          temperature: float, max_completion_length: int,
+                         num_items_in_batch: float | None = None,
                          aux_loss: bool = True) -> dict[str, float]:
     """Backward of the GRPO-family loss (+ MoE balance loss) on one minibatch."""
     def head(hidden, weight):
@@ -94,7 +95,7 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
             delta=loss.delta, loss_type=loss.loss_type,
             importance_sampling_level=loss.importance_sampling_level,
             max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
-            rollout_is_weights=rollout_is_weights)
+            rollout_is_weights=rollout_is_weights, num_items_in_batch=num_items_in_batch)
 
     out = model.forward_hidden(batch.input_ids, head=head)
     value, stats = out.head_output
