@@ -12,7 +12,7 @@ import torch
 from livethinking.model import CausalLM
 
 
-def _rft(tmp_path, demo_setup, name, nproc):
+def _rft(tmp_path, demo_setup, name, nproc, extra="", resume=False):
     paths, _, student = demo_setup
     out = tmp_path / name
     config = tmp_path / f"{name}.yaml"
@@ -20,12 +20,15 @@ def _rft(tmp_path, demo_setup, name, nproc):
         f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
         "teacher: {kind: demo, k: 2}\nmax_steps: 4\nrow_tokens: 256\nrows_per_step: 4\n"
         "optim: {lr: 0.003, warmup_steps: 1}\n"
-        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
+        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false"
+        f"{extra}}}\n")
     command = [sys.executable, "-m", "livethinking.train", "rft", "--config", str(config)]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", "-m", "livethinking.train", "rft",
                    "--config", str(config)]
+    if resume:
+        command.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -82,3 +85,14 @@ def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup):
     b = CausalLM.from_pretrained(two_final).state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_two_process_checkpoint_resumes_exactly(tmp_path, demo_setup):
+    whole, whole_final = _rft(tmp_path, demo_setup, "fsdp", 2, extra=", save_every: 2")
+    assert (tmp_path / "fsdp" / "checkpoints" / "LATEST").read_text() == "step-00000002"
+    uninterrupted = {k: v.clone() for k, v in CausalLM.from_pretrained(whole_final).state_dict().items()}
+    resumed, resumed_final = _rft(tmp_path, demo_setup, "fsdp", 2, extra=", save_every: 2",
+                                  resume=True)  # from step 2, as if interrupted there
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+    b = CausalLM.from_pretrained(resumed_final).state_dict()
+    assert all(torch.equal(uninterrupted[k], b[k]) for k in uninterrupted)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["latest_checkpoint", "load_trainer_state", "rng_state", "save_training_checkpoint",
-           "set_rng_state"]
+__all__ = ["checkpoint_collectively", "latest_checkpoint", "load_trainer_state", "rng_state",
+           "save_training_checkpoint", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -37,8 +37,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict,
-                             config_yaml: str, *, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and point LATEST at it; keep the newest ``keep``."""
+                             config_yaml: str, *, keep: int = 2, model_state=None) -> Path:
+    """Write checkpoint ``step`` atomically and point LATEST at it; keep the newest ``keep``.
+    ``model_state``: the full state dict to write instead of the model's own (FSDP2)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -46,7 +47,12 @@ def save_training_checkpoint(output_dir, step: int, model, tokenizer, trainer_st
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+    if model_state is None:
+        model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+    else:
+        from livethinking.model.checkpoint import save_checkpoint
+
+        save_checkpoint(model_state, model.config.to_dict(), tmp / "model", tokenizer=tokenizer)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     if final.exists():
@@ -74,3 +80,20 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+def checkpoint_collectively(output_dir, step: int, model, tokenizer, optimizer, extra: dict,
+                            config_yaml: str, dist) -> None:
+    """Every rank calls this: the full model and optimizer state are gathered (collectives)
+    and rank 0 writes the checkpoint; a single process simply writes it."""
+    from livethinking.train.distributed import full_state_dict
+
+    model_state = full_state_dict(model, dist) if dist.world_size > 1 else None
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
+    if dist.is_main:
+        save_training_checkpoint(output_dir, step, model, tokenizer, state, config_yaml,
+                                 model_state=model_state)
+    if dist.world_size > 1:
+        from torch.distributed import barrier
+
+        barrier()

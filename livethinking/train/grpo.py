@@ -24,8 +24,8 @@ import torch
 
 from livethinking import ops
 from livethinking.data import load_records
-from livethinking.train.checkpointing import (latest_checkpoint, load_trainer_state, rng_state,
-                                              save_training_checkpoint, set_rng_state)
+from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
+                                              load_trainer_state, set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError, config_to_dict
@@ -108,9 +108,6 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
     device, dtype = resolve_device(config.run)
     dist = init_distributed(device)
     if dist.world_size > 1:
-        if resume or config.run.save_every:
-            raise ConfigError("run.save_every and --resume are single-process for now; under "
-                              "torchrun only the final model is written")
         if config.prompts_per_step % dist.world_size:
             raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
                               f"of the number of processes ({dist.world_size})")
@@ -121,7 +118,8 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
                                    device, dtype)
     rollout_model = model  # single process: the engine shares the policy's tensors
     if dist.world_size > 1:  # FSDP shards the policy; the engine gets a full copy per rank,
-        rollout_model, _ = load_policy(config.model, device, dtype)  # refreshed every step
+        rollout_model, _ = load_policy(checkpoint / "model" if checkpoint else config.model,
+                                       device, dtype)  # refreshed after every step
         rollout_model.eval().requires_grad_(False)
         shard_model(model, dist)
     reference = None
@@ -172,9 +170,8 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
                                  length=f"{stats['response_tokens']:.0f}")
         if config.run.save_every and (step + 1) % config.run.save_every == 0 \
                 and step + 1 < config.steps:
-            save_training_checkpoint(out, step + 1, model, tokenizer, {
-                "step": step + 1, "cursor": stream.cursor, "l_ref": l_ref,
-                "optimizer": optimizer.state_dict(), "rng": rng_state()}, config_json)
+            checkpoint_collectively(out, step + 1, model, tokenizer, optimizer, {"cursor": stream.cursor, "l_ref": l_ref},
+                                    config_json, dist)
     if progress is not None:
         progress.close()
     final = out / "final"

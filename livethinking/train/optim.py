@@ -67,14 +67,44 @@ class MasterWeightAdamW:
         return {"grad_norm": float(norm), "lr": lr}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "master": [m if m is not p else None for p, m in zip(self.params, self.master)]}
+        """Optimizer, schedule and low-precision masters. Under FSDP2 every sharded tensor is
+        gathered to a full CPU tensor (a collective: every rank must call this)."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "master": [m if m is not p else None for p, m in zip(self.params, self.master)]}
+        return _gathered(state)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load what :meth:`state_dict` wrote; full tensors are re-sharded like their
+        parameters when the parameters are FSDP2 shards."""
+        optimizer_state = state["optimizer"]
+        for index, values in optimizer_state["state"].items():
+            master = self.master[int(index)]
+            for key, value in list(values.items()):
+                values[key] = _like(value, master)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         for p, m, saved in zip(self.params, self.master, state["master"]):
             if saved is not None:
-                m.copy_(saved)
+                m.copy_(_like(saved, m))
                 p.copy_(m)
+
+
+def _gathered(value):
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor().cpu()
+    if isinstance(value, dict):
+        return {k: _gathered(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_gathered(v) for v in value]
+    return value
+
+
+def _like(value, param):
+    """A full tensor shaped like ``param`` becomes a shard placed like it (FSDP2 DTensors)."""
+    if not hasattr(param, "placements") or not isinstance(value, torch.Tensor) \
+            or tuple(value.shape) != tuple(param.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)

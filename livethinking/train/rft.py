@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from livethinking.data import LivestreamRecord, load_records
-from livethinking.train.checkpointing import (latest_checkpoint, load_trainer_state, rng_state,
-                                              save_training_checkpoint, set_rng_state)
+from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
+                                              load_trainer_state, set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device, response_ids
 from livethinking.train.config import RFTConfig
-from livethinking.train.config_io import ConfigError, config_to_dict
+from livethinking.train.config_io import config_to_dict
 from livethinking.train.distributed import (all_reduce_sum, full_state_dict, init_distributed,
                                             shard_model)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
@@ -60,9 +60,6 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
     random.seed(config.run.seed)
     device, dtype = resolve_device(config.run)
     dist = init_distributed(device)
-    if dist.world_size > 1 and (resume or config.run.save_every):
-        raise ConfigError("run.save_every and --resume are single-process for now; under "
-                          "torchrun only the final model is written")
     if not dist.is_main:
         log = (lambda *_: None)
     checkpoint = latest_checkpoint(out) if resume else None
@@ -118,9 +115,8 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.3f}")
         if config.run.save_every and (step + 1) % config.run.save_every == 0 and step + 1 < total:
-            save_training_checkpoint(out, step + 1, model, tokenizer, {
-                "step": step + 1, "optimizer": optimizer.state_dict(), "rng": rng_state()},
-                config_yaml)
+            checkpoint_collectively(out, step + 1, model, tokenizer, optimizer, {},
+                                    config_yaml, dist)
     if progress is not None:
         progress.close()
     final = out / "final"
