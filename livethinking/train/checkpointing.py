@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["checkpoint_collectively", "latest_checkpoint", "load_trainer_state", "rng_state",
-           "save_training_checkpoint", "set_rng_state"]
+           "save_final_model", "save_training_checkpoint", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -97,3 +97,21 @@ def checkpoint_collectively(output_dir, step: int, model, tokenizer, optimizer, 
         from torch.distributed import barrier
 
         barrier()
+
+
+def save_final_model(path, model, tokenizer, dist) -> Path:
+    """Every rank calls this: the final model in Hugging Face format (gathered from FSDP2
+    shards to rank 0 when sharded)."""
+    path = Path(path)
+    if dist.world_size == 1:
+        return model.save_pretrained(path, tokenizer=tokenizer)
+    from torch.distributed import barrier
+
+    from livethinking.model.checkpoint import save_checkpoint
+    from livethinking.train.distributed import full_state_dict
+
+    state = full_state_dict(model, dist)  # a collective: every rank takes part
+    if dist.is_main:
+        save_checkpoint(state, model.config.to_dict(), path, tokenizer=tokenizer)
+    barrier()
+    return path

@@ -25,7 +25,8 @@ import torch
 from livethinking import ops
 from livethinking.data import load_records
 from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
-                                              load_trainer_state, set_rng_state)
+                                              load_trainer_state, save_final_model,
+                                              set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError, config_to_dict
@@ -170,22 +171,11 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
                                  length=f"{stats['response_tokens']:.0f}")
         if config.run.save_every and (step + 1) % config.run.save_every == 0 \
                 and step + 1 < config.steps:
-            checkpoint_collectively(out, step + 1, model, tokenizer, optimizer, {"cursor": stream.cursor, "l_ref": l_ref},
-                                    config_json, dist)
+            checkpoint_collectively(out, step + 1, model, tokenizer, optimizer,
+                                    {"cursor": stream.cursor, "l_ref": l_ref}, config_json, dist)
     if progress is not None:
         progress.close()
-    final = out / "final"
-    if dist.world_size > 1:
-        from torch.distributed import barrier
-
-        from livethinking.model.checkpoint import save_checkpoint
-
-        state = full_state_dict(model, dist)  # a collective: every rank takes part
-        if dist.is_main:
-            save_checkpoint(state, model.config.to_dict(), final, tokenizer=tokenizer)
-        barrier()
-    else:
-        model.save_pretrained(final, tokenizer=tokenizer)
+    final = save_final_model(out / "final", model, tokenizer, dist)
     if logger is None:
         return final
     logger.close()

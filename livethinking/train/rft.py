@@ -19,12 +19,12 @@ import torch
 
 from livethinking.data import LivestreamRecord, load_records
 from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
-                                              load_trainer_state, set_rng_state)
+                                              load_trainer_state, save_final_model,
+                                              set_rng_state)
 from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device, response_ids
 from livethinking.train.config import RFTConfig
 from livethinking.train.config_io import config_to_dict
-from livethinking.train.distributed import (all_reduce_sum, full_state_dict, init_distributed,
-                                            shard_model)
+from livethinking.train.distributed import all_reduce_sum, init_distributed, shard_model
 from livethinking.train.metrics import MetricsLogger, plot_metrics
 from livethinking.train.optim import MasterWeightAdamW
 from livethinking.train.packing import pack_examples
@@ -119,18 +119,7 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
                                     config_yaml, dist)
     if progress is not None:
         progress.close()
-    final = out / "final"
-    if dist.world_size > 1:
-        from livethinking.model.checkpoint import save_checkpoint
-
-        state = full_state_dict(model, dist)  # a collective: every rank takes part
-        if dist.is_main:
-            save_checkpoint(state, model.config.to_dict(), final, tokenizer=tokenizer)
-        from torch.distributed import barrier
-
-        barrier()
-    else:
-        model.save_pretrained(final, tokenizer=tokenizer)
+    final = save_final_model(out / "final", model, tokenizer, dist)
     if logger is None:
         return final
     logger.close()
