@@ -36,41 +36,16 @@ import argparse
 import csv
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import run_header
 
 COLUMNS = ["side", "device", "threads", "steps", "prompts", "group", "max_tokens", "step_s",
            "gen_s", "train_s", "completion_tokens", "tokens_per_s", "gen_tokens_per_s"]
-
-
-def header(device: torch.device) -> tuple[str, str]:
-    """(device name, git commit) for the table's header."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                        if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"CPU {name}, threads={torch.get_num_threads()}"
-    here = Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=here, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=here).stdout
-        commit += "+dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return name, commit
 
 
 def make_reward(l_ref: float):
@@ -231,7 +206,7 @@ def main(argv=None) -> int:
                 per_step["trl"] = run_trl(args, model_dir, records, tmp / "trl", dtype)
                 results.append(summarise(f"TRL {trl.__version__}", per_step["trl"]))
 
-    name, commit = header(device)
+    name, commit = run_header(device)
     print(f"\n### GRPO step, {datetime.date.today()}, {name}, commit {commit}, torch "
           f"{torch.__version__}\n\nP={args.prompts} prompts × G={args.group}, max {args.max_tokens} "
           f"new tokens, {args.steps} steps (first one untimed), medians, {dtype}\n")

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,42 +40,18 @@ from pathlib import Path
 import torch
 
 from livethinking.model import CausalLM, ModelConfig
-from livethinking.model.layers import RotaryEmbedding
+from harness import DTYPES, MODELS, random_model, run_header, sync
 from livethinking.train.config import OptimConfig
 from livethinking.train.optim import MasterWeightAdamW
 from livethinking.train.packing import pack_examples
 from livethinking.train.sft import sft_step
 
-MODELS = {
-    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                 num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
-    "30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                    moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-                    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                    norm_topk_prob=True, rope_theta=1e6, max_position_embeddings=40960),
-}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["model", "layers", "dtype", "row_tokens", "rows_per_step", "ckpt", "steps", "step_s",
            "resp_tok_s", "tok_s", "gflop_per_tok", "tflop_s", "mfu", "peak_mem_gib"]
 
 
 def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """A random-weight CausalLM allocated on ``device`` in ``dtype`` (meta, then to_empty)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = CausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    gen = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
-    return model.train()
+    return random_model(config, device, dtype).train()
 
 
 def body_params(model: CausalLM) -> float:
@@ -86,33 +60,6 @@ def body_params(model: CausalLM) -> float:
     return sum(q.numel() * (share if ".experts." in name else 1)
                for name, q in model.named_parameters()
                if q.dim() > 1 and name not in ("model.embed_tokens.weight", "lm_head.weight"))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def header(device: torch.device) -> tuple[str, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                        if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"CPU {name}, threads={torch.get_num_threads()}"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        commit += "+dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return name, commit
 
 
 def make_rows(vocab: int, row_tokens: int, count: int, seed: int = 0):
@@ -197,7 +144,7 @@ def main(argv=None) -> int:
                 loss_tokens += r.num_loss_tokens
     flops = 6 * n_body * tokens + 6 * head * loss_tokens + attn * pairs
     achieved = flops / seconds
-    (name, commit), today = header(device), datetime.date.today().isoformat()
+    (name, commit), today = run_header(device), datetime.date.today().isoformat()
     print(f"# bench_sft: {name}; {today}; commit {commit}; torch {torch.__version__}")
     print(f"model {args.model}: {config.num_hidden_layers} layers, H={config.hidden_size}, "
           f"E={config.num_experts} top-{config.num_experts_per_tok}, "

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,41 +40,17 @@ import torch
 
 from livethinking.engine import EngineConfig, LLMEngine, SamplingParams
 from livethinking.model import CausalLM, ModelConfig
-from livethinking.model.layers import RotaryEmbedding
+from harness import DTYPES, MODELS, random_model, run_header, sync
 
-MODELS = {
-    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                 num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
-    "30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                    moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-                    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                    norm_topk_prob=True, rope_theta=1e6, max_position_embeddings=40960),
-}
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["scenario", "prompt", "concurrency", "n", "ttft_p50_ms", "ttft_p99_ms",
            "decode_tok_s", "cached_tokens"]
 
 
 def build_model(name: str, layers: int | None, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """A random-weight CausalLM allocated on ``device`` in ``dtype`` (meta, then to_empty)."""
+    """A random-weight model of preset ``name`` (``layers`` overrides its depth), eval mode."""
     shape = dict(MODELS[name], **({"num_hidden_layers": layers} if layers else {}))
-    config = ModelConfig(**shape)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = CausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    gen = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
-    return model.eval()
+    return random_model(ModelConfig(**shape), device, dtype).eval()
 
 
 def roofline(model: CausalLM, context: int) -> tuple[float, float]:
@@ -92,11 +66,6 @@ def roofline(model: CausalLM, context: int) -> tuple[float, float]:
     itemsize = next(model.parameters()).element_size()
     total += 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize * context
     return total, HBM_BYTES_PER_S / total
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Bench:
@@ -213,28 +182,6 @@ def transformers_rows(model: CausalLM, lens: list[int], decode_new: int, repeats
     return rows
 
 
-def header(device: torch.device) -> tuple[str, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                        if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"CPU {name}, threads={torch.get_num_threads()}"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        commit += "+dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return name, commit
-
-
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -291,7 +238,7 @@ def main(argv=None) -> int:
     sync(device)
     setup_s = time.perf_counter() - t0
     bench = Bench(engine, model.config.vocab_size, device)
-    name, commit = header(device)
+    name, commit = run_header(device)
     mc = model.config
     print(f"# bench_ttft: {name}; {datetime.date.today().isoformat()}; commit {commit}; "
           f"torch {torch.__version__}")

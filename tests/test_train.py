@@ -223,3 +223,16 @@ def test_grpo_runs_and_resumes_bit_identically(tmp_path, demo_setup, rft_model):
     again = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     strip = (lambda r: {k: v for k, v in r.items() if not k.endswith("_s")})
     assert [strip(r) for r in again] == [strip(r) for r in rows]
+
+
+def test_prompt_stream_is_a_seeded_permutation_per_epoch_and_resumes():
+    from livethinking.train.grpo import PromptStream
+
+    whole = PromptStream(7, seed=3).take(20)
+    split = PromptStream(7, seed=3)
+    assert split.take(5) + split.take(15) == whole
+    assert PromptStream(7, seed=3, cursor=9).take(11) == whole[9:]  # resume from a cursor
+    for epoch in range(2):
+        assert sorted(i for i, _ in whole[7 * epoch:7 * epoch + 7]) == list(range(7))
+    assert [i for i, _ in whole[:7]] != [i for i, _ in whole[7:14]]  # a new order each epoch
+    assert [c for _, c in whole] == list(range(20))

@@ -13,8 +13,8 @@ from livethinking.model import CausalLM
 from livethinking.model.prompt import format_livestream_prompt
 from livethinking.train.config import JudgeConfig, RunConfig
 
-__all__ = ["EvalResult", "evaluate", "load_policy", "make_judges", "prompt_ids",
-           "resolve_device", "response_ids"]
+__all__ = ["EvalResult", "RunStart", "evaluate", "load_policy", "make_judges", "prompt_ids",
+           "resolve_device", "response_ids", "start_run"]
 
 
 def resolve_device(run: RunConfig) -> tuple[torch.device, torch.dtype]:
@@ -25,6 +25,34 @@ def resolve_device(run: RunConfig) -> tuple[torch.device, torch.dtype]:
     else:
         dtype = getattr(torch, run.dtype)
     return device, dtype
+
+
+@dataclass(slots=True)
+class RunStart:
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    dist: object  # DistributedContext
+    checkpoint: Path | None  # the checkpoint to resume from
+    policy_path: Path  # where the policy's weights come from (the checkpoint's, if resuming)
+
+
+def start_run(run: RunConfig, model_path, *, resume: bool) -> RunStart:
+    """Output folder, seeds, device and dtype, the torchrun process group, and the
+    checkpoint to resume from (the latest in the output folder when ``resume``)."""
+    import random
+
+    from livethinking.train.checkpointing import latest_checkpoint
+    from livethinking.train.distributed import init_distributed
+
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(run.seed)
+    random.seed(run.seed)
+    device, dtype = resolve_device(run)
+    checkpoint = latest_checkpoint(out) if resume else None
+    return RunStart(out, device, dtype, init_distributed(device), checkpoint,
+                    checkpoint / "model" if checkpoint else Path(model_path))
 
 
 def load_policy(path, device: torch.device, dtype: torch.dtype):

@@ -24,14 +24,13 @@ import torch
 
 from livethinking import ops
 from livethinking.data import load_records
-from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
-                                              load_trainer_state, save_final_model,
-                                              set_rng_state)
-from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device
+from livethinking.train.checkpointing import (checkpoint_collectively, load_trainer_state,
+                                              save_final_model, set_rng_state)
+from livethinking.train.common import load_policy, make_judges, prompt_ids, start_run
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError, config_to_dict
 from livethinking.train.distributed import (all_reduce_max, all_reduce_min, all_reduce_sum,
-                                            full_state_dict, init_distributed, shard_model)
+                                            full_state_dict, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
@@ -51,15 +50,17 @@ class PromptStream:
 
     def __init__(self, count: int, seed: int, cursor: int = 0) -> None:
         self.count, self.seed, self.cursor = count, seed, cursor
+        self._epoch, self._order = -1, []
 
     def take(self, n: int) -> list[tuple[int, int]]:
         """n (record index, global cursor) pairs."""
         out = []
         for _ in range(n):
             epoch, at = divmod(self.cursor, self.count)
-            order = list(range(self.count))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-            out.append((order[at], self.cursor))
+            if epoch != self._epoch:  # one shuffle per epoch, a function of (seed, epoch)
+                self._epoch, self._order = epoch, list(range(self.count))
+                random.Random(self.seed * 7919 + epoch).shuffle(self._order)
+            out.append((self._order[at], self.cursor))
             self.cursor += 1
         return out
 
@@ -102,25 +103,18 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
     """Run GRPO; returns the directory of the final model (Hugging Face format)."""
     from livethinking.engine import LLM
 
-    out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
-    device, dtype = resolve_device(config.run)
-    dist = init_distributed(device)
-    if dist.world_size > 1:
-        if config.prompts_per_step % dist.world_size:
-            raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
-                              f"of the number of processes ({dist.world_size})")
+    start_at = start_run(config.run, config.model, resume=resume)
+    out, device, dtype = start_at.out, start_at.device, start_at.dtype
+    dist, checkpoint = start_at.dist, start_at.checkpoint
+    if dist.world_size > 1 and config.prompts_per_step % dist.world_size:
+        raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
+                          f"of the number of processes ({dist.world_size})")
     if not dist.is_main:
         log = (lambda *_: None)
-    checkpoint = latest_checkpoint(out) if resume else None
-    model, tokenizer = load_policy(checkpoint / "model" if checkpoint else config.model,
-                                   device, dtype)
+    model, tokenizer = load_policy(start_at.policy_path, device, dtype)
     rollout_model = model  # single process: the engine shares the policy's tensors
     if dist.world_size > 1:  # FSDP shards the policy; the engine gets a full copy per rank,
-        rollout_model, _ = load_policy(checkpoint / "model" if checkpoint else config.model,
-                                       device, dtype)  # refreshed after every step
+        rollout_model, _ = load_policy(start_at.policy_path, device, dtype)  # refreshed per step
         rollout_model.eval().requires_grad_(False)
         shard_model(model, dist)
     reference = None

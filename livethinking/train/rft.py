@@ -15,16 +15,14 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from livethinking.data import LivestreamRecord, load_records
-from livethinking.train.checkpointing import (checkpoint_collectively, latest_checkpoint,
-                                              load_trainer_state, save_final_model,
-                                              set_rng_state)
-from livethinking.train.common import load_policy, make_judges, prompt_ids, resolve_device, response_ids
+from livethinking.train.checkpointing import (checkpoint_collectively, load_trainer_state,
+                                              save_final_model, set_rng_state)
+from livethinking.train.common import (load_policy, make_judges, prompt_ids, response_ids,
+                                       start_run)
 from livethinking.train.config import RFTConfig
 from livethinking.train.config_io import config_to_dict
-from livethinking.train.distributed import all_reduce_sum, init_distributed, shard_model
+from livethinking.train.distributed import all_reduce_sum, shard_model
 from livethinking.train.metrics import MetricsLogger, plot_metrics
 from livethinking.train.optim import MasterWeightAdamW
 from livethinking.train.packing import pack_examples
@@ -54,17 +52,11 @@ def _accepted(config: RFTConfig, records, out: Path, reuse: bool, write: bool = 
 
 def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
     """Run RFT; returns the directory of the final model (Hugging Face format)."""
-    out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
-    device, dtype = resolve_device(config.run)
-    dist = init_distributed(device)
+    start_at = start_run(config.run, config.model, resume=resume)
+    out, device, dist, checkpoint = start_at.out, start_at.device, start_at.dist, start_at.checkpoint
     if not dist.is_main:
         log = (lambda *_: None)
-    checkpoint = latest_checkpoint(out) if resume else None
-    model, tokenizer = load_policy(checkpoint / "model" if checkpoint else config.model,
-                                   device, dtype)
+    model, tokenizer = load_policy(start_at.policy_path, device, start_at.dtype)
     if dist.world_size > 1:
         shard_model(model, dist)
     records: list[LivestreamRecord] = load_records(config.train_data,
