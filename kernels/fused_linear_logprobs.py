@@ -42,9 +42,11 @@ than bf16 tensor cores). Everything runs in a fixed order: deterministic, no ato
 
 Row mask. Rows whose ``row_mask`` is False get logp = entropy = 0 and zero gradients;
 their targets are never used (any value, e.g. −100, is fine). A row block whose rows
-are all masked skips its GEMM loop (a device-side loop bound, no host sync), in the
-forward and in the dZ kernel; the d x and d W products still run over its zero dZ rows
-(compacting the unmasked rows would need a host sync to size the result).
+are all masked skips its GEMM work (a device-side branch, no host sync) in the forward,
+the dZ kernel and the d W kernel, which also never reads masked rows of dZ and x. Only
+the d x product (``torch.matmul``, cuBLAS) still runs over the zero dZ rows: skipping
+them there would need a host sync to compact the unmasked rows, or a hand-written GEMM
+in place of cuBLAS.
 
 Memory (elem = bytes of the input dtype, acc = 4, or 8 for float64 inputs):
 * naive (logits materialised, as ``fused_linear_logprobs_reference``): the (N, V)
@@ -255,16 +257,17 @@ def _fused_linear_logprobs_dz_kernel(
 
 @triton.jit
 def _weight_grad_accumulate_kernel(
-    dz_ptr, x_ptr, dw_ptr,
+    dz_ptr, x_ptr, dw_ptr, mask_ptr,
     R, V, H,
     stride_dzn, stride_xn, stride_xh, stride_dwv,
-    PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # dz: (R, V)   x: (R, H)   dw: (V, H) fp32 (fp64 for fp64 inputs), updated in place
+    # dz: (R, V)   x: (R, H)   mask: (R,)   dw: (V, H) fp32 (fp64 for fp64 inputs), in place
     # grid: (cdiv(V, BLOCK_V), cdiv(H, BLOCK_H))
     # dw[tile] += dz[:, tile rows]ᵀ @ x[:, tile cols], the R rows walked in BLOCK_M steps in
-    # order by the one program that owns the tile: deterministic, no atomics.
+    # order by the one program that owns the tile: deterministic, no atomics. Masked rows
+    # (dz = 0 there) are not read, and a step whose rows are all masked does no GEMM work.
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
     cols_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -274,15 +277,14 @@ def _weight_grad_accumulate_kernel(
     dw_ptrs = dw_ptr + cols_v[:, None] * stride_dwv + cols_h[None, :]           # (BLOCK_V, BLOCK_H)
     tile_ok = v_ok[:, None] & h_ok[None, :]
     acc = tl.load(dw_ptrs, mask=tile_ok, other=0.0)
-    ms = tl.arange(0, BLOCK_M)
     for r0 in range(0, R, BLOCK_M):
-        rows = (r0 + ms).to(tl.int64)
-        r_ok = rows < R
-        dz = tl.load(dz_ptr + rows[:, None] * stride_dzn + cols_v[None, :],
-                     mask=r_ok[:, None] & v_ok[None, :], other=0.0)                # (BLOCK_M, BLOCK_V)
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols_h[None, :] * stride_xh,
-                    mask=r_ok[:, None] & h_ok[None, :], other=0.0)                 # (BLOCK_M, BLOCK_H)
-        acc = tl.dot(tl.trans(dz), x, acc, input_precision=PRECISION)
+        rows, r_ok, r_on, any_on = _row_block(r0 // BLOCK_M, R, mask_ptr, HAS_MASK, BLOCK_M)
+        if any_on:
+            dz = tl.load(dz_ptr + rows[:, None] * stride_dzn + cols_v[None, :],
+                         mask=r_on[:, None] & v_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_V)
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + cols_h[None, :] * stride_xh,
+                        mask=r_on[:, None] & h_ok[None, :], other=0.0)             # (BLOCK_M, BLOCK_H)
+            acc = tl.dot(tl.trans(dz), x, acc, input_precision=PRECISION)
     tl.store(dw_ptrs, acc, mask=tile_ok)
 
 
@@ -490,9 +492,9 @@ def fused_linear_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targ
                     torch.matmul(dz, weight, out=grad_x[r0:r1])
                 if need_w:
                     _weight_grad_accumulate_kernel[wgrid](
-                        dz, x, grad_w, r1 - r0, v, h,
+                        dz, x, grad_w, mask[r0:r1] if mask is not None else dummy, r1 - r0, v, h,
                         dz.stride(0), x.stride(0), x.stride(1), grad_w.stride(0),
-                        PRECISION=_precision(hidden),
+                        HAS_MASK=mask is not None, PRECISION=_precision(hidden),
                         BLOCK_M=wcfg.block_m, BLOCK_V=wcfg.block_v, BLOCK_H=wcfg.block_h,
                         num_warps=wcfg.num_warps, num_stages=wcfg.num_stages,
                     )

@@ -96,3 +96,26 @@ def test_two_process_checkpoint_resumes_exactly(tmp_path, demo_setup):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
     b = CausalLM.from_pretrained(resumed_final).state_dict()
     assert all(torch.equal(uninterrupted[k], b[k]) for k in uninterrupted)
+
+
+def test_run_ends_only_the_process_group_it_created(tmp_path, monkeypatch):
+    """A run destroys the process group it created once its collectives are done (left to
+    interpreter shutdown, gloo aborted a finished run now and then); a group the caller
+    created stays."""
+    import torch.distributed as dist
+
+    from livethinking.train.distributed import end_distributed, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # "under torchrun", but the group already exists
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        context = init_distributed(torch.device("cpu"))
+        assert (context.rank, context.world_size, context.owns_group) == (0, 1, False)
+        end_distributed(context)
+        assert dist.is_initialized()  # the caller's group is left alone
+        end_distributed(type(context)(0, 1, context.mesh, owns_group=True))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

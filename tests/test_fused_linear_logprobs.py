@@ -284,6 +284,9 @@ def test_fully_masked_row_blocks_do_no_gemm_work(monkeypatch, generator):
     cfg = flp.INTERPRETER_CONFIG.logits
     n, v, h = 3 * cfg.block_m, 997, 48
     per_block = triton_cdiv(v, cfg.block_v) * triton_cdiv(h, cfg.block_h)
+    wcfg = flp.INTERPRETER_CONFIG.weight_grad
+    assert wcfg.block_m == cfg.block_m  # the d W kernel's row steps are the same row blocks
+    per_weight_tile_step = triton_cdiv(v, wcfg.block_v) * triton_cdiv(h, wcfg.block_h)
     hidden, weight, bias, targets = make_inputs(n, v, h, torch.float32, generator)
     g, e = upstream(n, generator)
     for active_blocks in (0, 1, 3):
@@ -298,6 +301,15 @@ def test_fully_masked_row_blocks_do_no_gemm_work(monkeypatch, generator):
         calls.clear()
         torch.autograd.grad((logp * g).sum() + (ent * e).sum(), x)
         assert len(calls) == active_blocks * per_block  # the dZ kernel's tiles
+        w = weight.clone().requires_grad_()  # now the d W kernel runs too
+        logp, ent = fused_linear_logprobs(hidden, w, targets, bias=bias, row_mask=mask,
+                                          return_entropy=True, chunk_size=n)
+        calls.clear()
+        (dw,) = torch.autograd.grad((logp * g).sum() + (ent * e).sum(), w)
+        # each d W tile program: one tl.dot per row step with an unmasked row
+        assert len(calls) == active_blocks * (per_block + per_weight_tile_step)
+        if active_blocks == 0:
+            assert torch.equal(dw, torch.zeros_like(dw))
 
 
 def triton_cdiv(a, b):

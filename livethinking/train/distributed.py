@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["DistributedContext", "all_reduce_max", "all_reduce_min", "all_reduce_sum",
-           "full_state_dict", "init_distributed", "shard_model"]
+           "end_distributed", "full_state_dict", "init_distributed", "shard_model"]
 
 
 @dataclass(slots=True)
@@ -22,6 +22,7 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     mesh: object = None
+    owns_group: bool = False  # init_distributed created the process group (so ends it)
 
     @property
     def is_main(self) -> bool:
@@ -36,12 +37,28 @@ def init_distributed(device: torch.device) -> DistributedContext:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), mesh)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), mesh, owns_group)
+
+
+def end_distributed(context: DistributedContext) -> None:
+    """After a run's last collective, on success only (every rank calls it): wait for all
+    ranks, then destroy the process group init_distributed created. Left to interpreter
+    shutdown, gloo's worker threads can outlive the interpreter and abort the process
+    (SIGABRT, "terminate called without an active exception") after a successful run. On
+    an error it is not called: a rank waiting here for a failed peer would hang."""
+    if not context.owns_group:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_model(model, context: DistributedContext) -> None:

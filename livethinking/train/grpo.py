@@ -30,7 +30,7 @@ from livethinking.train.common import load_policy, make_judges, prompt_ids, star
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError, config_to_dict
 from livethinking.train.distributed import (all_reduce_max, all_reduce_min, all_reduce_sum,
-                                            full_state_dict, shard_model)
+                                            end_distributed, full_state_dict, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
 from livethinking.train.metrics import MetricsLogger, plot_metrics
@@ -170,6 +170,7 @@ def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
     if progress is not None:
         progress.close()
     final = save_final_model(out / "final", model, tokenizer, dist)
+    end_distributed(dist)  # the last collective is done
     if logger is None:
         return final
     logger.close()

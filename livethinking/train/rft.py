@@ -22,7 +22,7 @@ from livethinking.train.common import (load_policy, make_judges, prompt_ids, res
                                        start_run)
 from livethinking.train.config import RFTConfig
 from livethinking.train.config_io import config_to_dict
-from livethinking.train.distributed import all_reduce_sum, shard_model
+from livethinking.train.distributed import all_reduce_sum, end_distributed, shard_model
 from livethinking.train.metrics import MetricsLogger, plot_metrics
 from livethinking.train.optim import MasterWeightAdamW
 from livethinking.train.packing import pack_examples
@@ -112,6 +112,7 @@ def run_rft(config: RFTConfig, *, resume: bool = False, log=print) -> Path:
     if progress is not None:
         progress.close()
     final = save_final_model(out / "final", model, tokenizer, dist)
+    end_distributed(dist)  # the last collective is done
     if logger is None:
         return final
     logger.close()
