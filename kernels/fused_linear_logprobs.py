@@ -42,8 +42,8 @@ than bf16 tensor cores). Everything runs in a fixed order: deterministic, no ato
 
 Row mask. Rows whose ``row_mask`` is False get logp = entropy = 0 and zero gradients;
 their targets are never used (any value, e.g. −100, is fine). A row block whose rows
-are all masked skips its GEMM work (a device-side branch, no host sync) in the forward,
-the dZ kernel and the d W kernel, which also never reads masked rows of dZ and x. Only
+are all masked skips its GEMM work (device-side loop bounds, no host sync) in the
+forward, the dZ kernel and the d W kernel, which also never reads masked rows of dZ and x. Only
 the d x product (``torch.matmul``, cuBLAS) still runs over the zero dZ rows: skipping
 them there would need a host sync to compact the unmasked rows, or a hand-written GEMM
 in place of cuBLAS.
@@ -257,17 +257,21 @@ def _fused_linear_logprobs_dz_kernel(
 
 @triton.jit
 def _weight_grad_accumulate_kernel(
-    dz_ptr, x_ptr, dw_ptr, mask_ptr,
+    dz_ptr, x_ptr, dw_ptr, mask_ptr, block_ids_ptr, num_blocks_ptr,
     R, V, H,
     stride_dzn, stride_xn, stride_xh, stride_dwv,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # dz: (R, V)   x: (R, H)   mask: (R,)   dw: (V, H) fp32 (fp64 for fp64 inputs), in place
+    # block_ids: (cdiv(R, BLOCK_M),) the row blocks holding an unmasked row first, ascending;
+    # num_blocks: (1,) how many do (both only read with HAS_MASK)
     # grid: (cdiv(V, BLOCK_V), cdiv(H, BLOCK_H))
-    # dw[tile] += dz[:, tile rows]ᵀ @ x[:, tile cols], the R rows walked in BLOCK_M steps in
-    # order by the one program that owns the tile: deterministic, no atomics. Masked rows
-    # (dz = 0 there) are not read, and a step whose rows are all masked does no GEMM work.
+    # dw[tile] += dz[:, tile rows]ᵀ @ x[:, tile cols], the row blocks walked in order by the
+    # one program that owns the tile: deterministic, no atomics. With a mask the loop runs
+    # over the active blocks only (its trip count read on the device: no host sync, and no
+    # branch in the loop body to stop Triton pipelining its loads) and masked rows are not
+    # read (their dz is 0).
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
     cols_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -277,14 +281,21 @@ def _weight_grad_accumulate_kernel(
     dw_ptrs = dw_ptr + cols_v[:, None] * stride_dwv + cols_h[None, :]           # (BLOCK_V, BLOCK_H)
     tile_ok = v_ok[:, None] & h_ok[None, :]
     acc = tl.load(dw_ptrs, mask=tile_ok, other=0.0)
-    for r0 in range(0, R, BLOCK_M):
-        rows, r_ok, r_on, any_on = _row_block(r0 // BLOCK_M, R, mask_ptr, HAS_MASK, BLOCK_M)
-        if any_on:
-            dz = tl.load(dz_ptr + rows[:, None] * stride_dzn + cols_v[None, :],
-                         mask=r_on[:, None] & v_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_V)
-            x = tl.load(x_ptr + rows[:, None] * stride_xn + cols_h[None, :] * stride_xh,
-                        mask=r_on[:, None] & h_ok[None, :], other=0.0)             # (BLOCK_M, BLOCK_H)
-            acc = tl.dot(tl.trans(dz), x, acc, input_precision=PRECISION)
+    if HAS_MASK:
+        num_steps = tl.load(num_blocks_ptr)
+    else:
+        num_steps = tl.cdiv(R, BLOCK_M)
+    for step in range(0, num_steps):
+        if HAS_MASK:
+            block = tl.load(block_ids_ptr + step)
+        else:
+            block = step
+        rows, r_ok, r_on, any_on = _row_block(block, R, mask_ptr, HAS_MASK, BLOCK_M)
+        dz = tl.load(dz_ptr + rows[:, None] * stride_dzn + cols_v[None, :],
+                     mask=r_on[:, None] & v_ok[None, :], other=0.0)                # (BLOCK_M, BLOCK_V)
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols_h[None, :] * stride_xh,
+                    mask=r_on[:, None] & h_ok[None, :], other=0.0)                 # (BLOCK_M, BLOCK_H)
+        acc = tl.dot(tl.trans(dz), x, acc, input_precision=PRECISION)
     tl.store(dw_ptrs, acc, mask=tile_ok)
 
 
@@ -433,6 +444,16 @@ def fused_linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, ta
     return logp, ent, row_max, log_sum
 
 
+def _active_row_blocks(mask: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block ids (cdiv(R, block_m),) int32, count (1,) int32): the row blocks of ``mask``
+    (R,) holding an unmasked row, ascending, then the others; computed on the device."""
+    num_blocks = triton.cdiv(mask.shape[0], block_m)
+    padded = torch.nn.functional.pad(mask != 0, (0, num_blocks * block_m - mask.shape[0]))
+    active = padded.view(num_blocks, block_m).any(dim=1)                       # (num_blocks,)
+    order = torch.argsort((~active).to(torch.int32), stable=True)
+    return order.to(torch.int32), active.sum(dtype=torch.int32).reshape(1)
+
+
 def _chunk_rows(n: int, v: int, dz_dtype: torch.dtype, block_m: int, chunk_size: int | None) -> int:
     """Rows per backward chunk: ``chunk_size``, or as many whole row tiles as fit
     BACKWARD_CHUNK_BYTES of dZ (at least one row)."""
@@ -491,8 +512,13 @@ def fused_linear_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targ
                 if need_x:
                     torch.matmul(dz, weight, out=grad_x[r0:r1])
                 if need_w:
+                    if mask is not None:
+                        block_ids, num_blocks = _active_row_blocks(mask[r0:r1], wcfg.block_m)
+                    else:
+                        block_ids = num_blocks = dummy
                     _weight_grad_accumulate_kernel[wgrid](
-                        dz, x, grad_w, mask[r0:r1] if mask is not None else dummy, r1 - r0, v, h,
+                        dz, x, grad_w, mask[r0:r1] if mask is not None else dummy,
+                        block_ids, num_blocks, r1 - r0, v, h,
                         dz.stride(0), x.stride(0), x.stride(1), grad_w.stride(0),
                         HAS_MASK=mask is not None, PRECISION=_precision(hidden),
                         BLOCK_M=wcfg.block_m, BLOCK_V=wcfg.block_v, BLOCK_H=wcfg.block_h,
