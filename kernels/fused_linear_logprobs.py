@@ -72,10 +72,12 @@ d W GEMM itself (an estimate, not measured): raise BACKWARD_CHUNK_BYTES or pass
 Precision. fp32 inputs are multiplied with ``input_precision="ieee"`` in all three
 kernels (no TF32: fp32 log-probs must be accurate; only the d x ``torch.matmul``
 follows torch's own TF32 setting); bf16/fp16 run on the tensor cores with fp32
-accumulation. float64 inputs are accepted and computed in float64 (for gradcheck;
-their outputs are float64; on a GPU 1/T reaches the kernels as an fp32 scalar). Under
-the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) bf16 ``tl.dot`` is
-computed wrongly by the interpreter itself: use fp32/fp16/fp64 there.
+accumulation. float64 inputs are accepted under the Triton interpreter only (CPU
+tensors, for gradcheck; computed and returned in float64): Triton's fp64 ``tl.dot``
+does not compile for NVIDIA GPUs (triton 3.8 fails an assertion, "fp64 don't support
+largeK MMA", which aborts the process), so CUDA float64 inputs are refused with an
+error. Under the interpreter (``TRITON_INTERPRET=1``) bf16 ``tl.dot`` is computed
+wrongly by the interpreter itself: use fp32/fp16/fp64 there.
 
 Targets must lie in [0, V) for unmasked rows; this is a device-side property that is
 not checked here (it would need a host sync): an out-of-range target gives an
@@ -316,12 +318,11 @@ class LogprobsConfig(NamedTuple):
 
 
 # Per (device name, dtype class); "default" applies to any device not listed. Starting
-# points, not tuned on hardware. fp32 and fp64 tiles are smaller: two (four) times the
-# bytes per element in shared memory, and no tensor cores.
+# points, not tuned on hardware. fp32 tiles are smaller: twice the bytes per element in
+# shared memory, and no tensor cores (IEEE fp32). No fp64 entry: fp64 never runs on CUDA.
 CONFIGS: dict[tuple[str, str], LogprobsConfig] = {
     ("default", "half"): LogprobsConfig(TileConfig(64, 128, 64, 8, 3), TileConfig(64, 128, 128, 8, 3)),
     ("default", "fp32"): LogprobsConfig(TileConfig(64, 64, 32, 4, 3), TileConfig(32, 64, 64, 4, 3)),
-    ("default", "fp64"): LogprobsConfig(TileConfig(32, 32, 16, 4, 2), TileConfig(16, 32, 32, 4, 2)),
 }
 # Under the Triton interpreter: few programs and loop iterations, large blocks.
 INTERPRETER_CONFIG = LogprobsConfig(TileConfig(16, 512, 32, 1, 1), TileConfig(16, 512, 32, 1, 1))
@@ -339,7 +340,7 @@ def select_config(device: torch.device | str, dtype: torch.dtype) -> LogprobsCon
     device = torch.device(device)
     if device.type != "cuda" or _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRETER_CONFIG
-    kind = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "half")
+    kind = "fp32" if dtype == torch.float32 else "half"
     name = torch.cuda.get_device_name(device)
     return CONFIGS.get((name, kind), CONFIGS[("default", kind)])
 
@@ -581,6 +582,10 @@ def _validate(hidden, weight, targets, bias, temperature, row_mask, chunk_size) 
         raise ValueError("weight must have at least one row (V >= 1); got V = 0")
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64; got {hidden.dtype}")
+    if hidden.dtype == torch.float64 and hidden.is_cuda:
+        raise TypeError("hidden must be float32, bfloat16 or float16 on CUDA; got float64 "
+                        "(Triton's fp64 tl.dot does not compile for NVIDIA GPUs; float64 runs "
+                        "only under the Triton interpreter on CPU tensors)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}; got {weight.dtype}")
     if tuple(targets.shape) != (n,):

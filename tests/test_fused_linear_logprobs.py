@@ -40,6 +40,8 @@ from livethinking.kernels.fused_linear_logprobs import (LogprobsConfig, fused_li
 KERNEL_FILE = Path(livethinking.kernels.__path__[0]) / "fused_linear_logprobs.py"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
+FP64_ONLY_INTERPRETED = ("float64 runs these kernels only under the Triton interpreter: fp64 tl.dot "
+                         "does not compile for NVIDIA GPUs (TestGPU checks the clear error)")
 UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
         torch.bfloat16: 2.0 ** -8}
 
@@ -329,11 +331,13 @@ def _gradcheck(n, v, h, generator, fast_mode, **kwargs):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=fast_mode)
 
 
+@pytest.mark.skipif(not INTERPRET, reason=FP64_ONLY_INTERPRETED)
 def test_gradcheck_float64_full(generator):
     """The kernels themselves in fp64 (the interpreter runs fp64 tl.dot): every Jacobian entry."""
     _gradcheck(2, 5, 8, generator, fast_mode=False, temperature=0.5, chunk_size=1)
 
 
+@pytest.mark.skipif(not INTERPRET, reason=FP64_ONLY_INTERPRETED)
 @pytest.mark.parametrize("n,v,h,mask", [(3, 21, 16, [True, False, True]), (35, 600, 20, None)])
 def test_gradcheck_float64_fast(n, v, h, mask, generator):
     row_mask = torch.tensor(mask, device=DEVICE) if mask is not None else None
@@ -341,6 +345,7 @@ def test_gradcheck_float64_fast(n, v, h, mask, generator):
                row_mask=row_mask)
 
 
+@pytest.mark.skipif(not INTERPRET, reason=FP64_ONLY_INTERPRETED)
 def test_float64_matches_reference_to_roundoff(generator):
     hidden, weight, bias, targets = make_inputs(35, 997, 32, torch.float64, generator)
     g, e = upstream(35, generator)
@@ -499,6 +504,23 @@ class TestGPU:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - before
         assert extra < n * v * 2 // 16, extra  # far below one bf16 (N, V) logits tensor
+
+    def test_float64_is_refused_by_the_kernels_and_computed_by_the_ops(self, generator):
+        from livethinking.ops import fused_linear_logprobs as ops_logprobs
+
+        hidden, weight, bias, targets = make_inputs(37, 997, 24, torch.float64, generator,
+                                                    device="cuda")
+        with pytest.raises(TypeError, match="hidden must be float32, bfloat16 or float16 on CUDA"):
+            fused_linear_logprobs(hidden, weight, targets, bias=bias)
+        mask = torch.rand(37, generator=generator).cuda() > 0.3
+        g, e = upstream(37, generator)
+        ours = run(ops_logprobs, hidden, weight, bias, targets, g.double().cuda(),
+                   e.double().cuda(), temperature=0.5, row_mask=mask)
+        ref = run(fused_linear_logprobs_reference, hidden, weight, bias, targets,
+                  g.double().cuda(), e.double().cuda(), temperature=0.5, row_mask=mask)
+        for o, r in zip(ours, ref):
+            assert o.dtype == torch.float64 and o.is_cuda
+            torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 
     def test_config_table_and_splits(self, generator):
         cfg = flp.select_config("cuda", torch.bfloat16)

@@ -4,9 +4,10 @@
     entropy[n] = −Σ_v softmax(z[n])_v · log softmax(z[n])_v
 
 CUDA runs the Triton kernels of ``livethinking.kernels.fused_linear_logprobs`` (online
-log-sum-exp over vocabulary tiles). CPU runs the same math over chunks of rows in
-PyTorch: at most ``chunk_rows × V`` fp32 logits exist at a time, in the forward and in
-the backward (which recomputes them), so peak memory is flat in N.
+log-sum-exp over vocabulary tiles). CPU — and float64 on CUDA, which Triton's tl.dot
+cannot compile for — runs the same math over chunks of rows in PyTorch: at most
+``chunk_rows × V`` fp32 (fp64) logits exist at a time, in the forward and in the
+backward (which recomputes them), so peak memory is flat in N.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           return_entropy: bool = False, row_mask: torch.Tensor | None = None,
                           chunk_rows: int | None = None):
     """logp (N,) float32 of ``targets`` under softmax((hidden·weightᵀ + bias) / temperature)
-    [and its entropy (N,) float32] (float64 for float64 inputs on the CPU path). Differentiable in hidden, weight and bias for upstream
-    gradients on both outputs; rows where ``row_mask`` is False give 0 and cost no GEMM
+    [and its entropy (N,) float32] (float64 for float64 inputs). Differentiable in hidden,
+    weight and bias for upstream gradients on both outputs; rows where ``row_mask`` is False give 0 and cost no GEMM
     work (on CUDA, except in the d hidden product: cuBLAS over their zero dZ rows). This
     is also the SFT cross-entropy: loss = −mean(logp over response tokens).
     """
     _check(hidden, weight, targets, bias, temperature, row_mask)
-    if hidden.is_cuda:
+    if hidden.is_cuda and hidden.dtype != torch.float64:
         return triton_logprobs.fused_linear_logprobs(hidden, weight, targets, bias=bias,
                                                      temperature=temperature,
                                                      return_entropy=return_entropy,
                                                      row_mask=row_mask)
     vocab = weight.shape[0]
     rows = chunk_rows or max(1, CPU_CHUNK_BYTES // (4 * max(vocab, 1)))
-    mask = row_mask if row_mask is not None else torch.ones(hidden.shape[0], dtype=torch.bool)
+    mask = row_mask if row_mask is not None else torch.ones(hidden.shape[0], dtype=torch.bool,
+                                                            device=hidden.device)
     logp, entropy = _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets.long(), mask.bool(),
                                                  float(temperature), rows, return_entropy)
     return (logp, entropy) if return_entropy else logp
@@ -90,15 +92,17 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, temperature, chunk_rows, want_entropy):
         num_rows, compute = hidden.shape[0], _compute_dtype(hidden)
-        logp = torch.zeros(num_rows, dtype=compute)
-        entropy = torch.zeros(num_rows, dtype=compute)
-        lse = torch.zeros(num_rows, dtype=compute)
+        device = hidden.device
+        logp = torch.zeros(num_rows, dtype=compute, device=device)
+        entropy = torch.zeros(num_rows, dtype=compute, device=device)
+        lse = torch.zeros(num_rows, dtype=compute, device=device)
         weight_t = weight.to(compute).T  # (H, V)
         bias_t = None if bias is None else bias.to(compute) / temperature
-        logits = torch.empty(min(chunk_rows, num_rows), weight.shape[0], dtype=compute)
+        logits = torch.empty(min(chunk_rows, num_rows), weight.shape[0], dtype=compute,
+                             device=device)
         probs = torch.empty_like(logits) if want_entropy else None
         for start in range(0, num_rows, chunk_rows):
-            rows = torch.arange(start, min(start + chunk_rows, num_rows))
+            rows = torch.arange(start, min(start + chunk_rows, num_rows), device=device)
             rows = rows[mask[rows]]  # masked rows cost no GEMM work
             if rows.numel() == 0:
                 continue
@@ -123,16 +127,19 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         num_rows, compute = hidden.shape[0], _compute_dtype(hidden)
         weight_c = weight.to(compute)  # (V, H)
         bias_t = None if bias is None else bias.to(compute) / temperature
-        grad_hidden = torch.zeros(hidden.shape, dtype=compute)
-        grad_weight = torch.zeros(weight.shape, dtype=compute)  # fp32 (or fp64) accumulation
-        grad_bias = torch.zeros(weight.shape[0], dtype=compute) if ctx.has_bias else None
-        zeros = torch.zeros(num_rows, dtype=compute)
+        device = hidden.device
+        grad_hidden = torch.zeros(hidden.shape, dtype=compute, device=device)
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=device)  # fp32/fp64 acc.
+        grad_bias = (torch.zeros(weight.shape[0], dtype=compute, device=device)
+                     if ctx.has_bias else None)
+        zeros = torch.zeros(num_rows, dtype=compute, device=device)
         g = zeros if grad_logp is None else grad_logp.to(compute)
         e = None if grad_entropy is None else grad_entropy.to(compute)
-        buffer = torch.empty(min(chunk_rows, num_rows), weight.shape[0], dtype=compute)
+        buffer = torch.empty(min(chunk_rows, num_rows), weight.shape[0], dtype=compute,
+                             device=device)
         log_probs = torch.empty_like(buffer) if e is not None else None
         for start in range(0, num_rows, chunk_rows):
-            rows = torch.arange(start, min(start + chunk_rows, num_rows))
+            rows = torch.arange(start, min(start + chunk_rows, num_rows), device=device)
             rows = rows[mask[rows]]
             n = rows.numel()
             if n == 0:
@@ -149,7 +156,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 p = torch.exp(logp, out=z)
                 grad = logp.add_(entropy[rows, None]).mul_(e[rows, None]).add_(g[rows, None])
                 grad.mul_(p).neg_()
-            grad[torch.arange(n), targets[rows]] += g[rows]
+            grad[torch.arange(n, device=device), targets[rows]] += g[rows]
             # z = (h Wᵀ + b) / τ:  dh = dz W / τ,  dW = dzᵀ (h / τ),  db = Σ dz / τ
             grad_hidden[rows] = torch.mm(grad, weight_c) / temperature
             grad_weight.addmm_(grad.T, scaled_hidden)
