@@ -43,10 +43,10 @@ than bf16 tensor cores). Everything runs in a fixed order: deterministic, no ato
 Row mask. Rows whose ``row_mask`` is False get logp = entropy = 0 and zero gradients;
 their targets are never used (any value, e.g. −100, is fine). A row block whose rows
 are all masked skips its GEMM work (device-side loop bounds, no host sync) in the
-forward, the dZ kernel and the d W kernel, which also never reads masked rows of dZ and x. Only
-the d x product (``torch.matmul``, cuBLAS) still runs over the zero dZ rows: skipping
-them there would need a host sync to compact the unmasked rows, or a hand-written GEMM
-in place of cuBLAS.
+forward, the dZ kernel and the d W kernel, which also never reads masked rows of dZ
+and x. Only the d x product (``torch.matmul``, cuBLAS) still runs over the zero dZ rows:
+skipping them there would need a host sync to compact the unmasked rows, or a
+hand-written GEMM in place of cuBLAS.
 
 Memory (elem = bytes of the input dtype, acc = 4, or 8 for float64 inputs):
 * naive (logits materialised, as ``fused_linear_logprobs_reference``): the (N, V)
@@ -292,7 +292,7 @@ def _weight_grad_accumulate_kernel(
             block = tl.load(block_ids_ptr + step)
         else:
             block = step
-        rows, r_ok, r_on, any_on = _row_block(block, R, mask_ptr, HAS_MASK, BLOCK_M)
+        rows, _, r_on, _ = _row_block(block, R, mask_ptr, HAS_MASK, BLOCK_M)
         dz = tl.load(dz_ptr + rows[:, None] * stride_dzn + cols_v[None, :],
                      mask=r_on[:, None] & v_ok[None, :], other=0.0)                # (BLOCK_M, BLOCK_V)
         x = tl.load(x_ptr + rows[:, None] * stride_xn + cols_h[None, :] * stride_xh,

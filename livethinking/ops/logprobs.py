@@ -27,9 +27,10 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           chunk_rows: int | None = None):
     """logp (N,) float32 of ``targets`` under softmax((hidden·weightᵀ + bias) / temperature)
     [and its entropy (N,) float32] (float64 for float64 inputs). Differentiable in hidden,
-    weight and bias for upstream gradients on both outputs; rows where ``row_mask`` is False give 0 and cost no GEMM
-    work (on CUDA, except in the d hidden product: cuBLAS over their zero dZ rows). This
-    is also the SFT cross-entropy: loss = −mean(logp over response tokens).
+    weight and bias for upstream gradients on both outputs; rows where ``row_mask`` is
+    False give 0 and cost no GEMM work (on CUDA, except in the d hidden product: cuBLAS
+    over their zero dZ rows). This is also the SFT cross-entropy: loss = −mean(logp over
+    response tokens).
     """
     _check(hidden, weight, targets, bias, temperature, row_mask)
     if hidden.is_cuda and hidden.dtype != torch.float64:
