@@ -110,19 +110,20 @@ def _moe_cases(dtype: str):
             "offsets_ptr": "*i32", "tile_end_ptr": "*i32"}
     gemm_tiles = dict(PRECISION=precision, BLOCK_M=prefill["BLOCK_M"], BLOCK_N=prefill["BLOCK_N"],
                       BLOCK_K=prefill["BLOCK_K"], BLOCK_E=128)
-    # (name, GATHER, SILU_MUL, unit stride): the forward's two GEMMs (W[e, n, k], k
-    # contiguous) and the backward's dh = dout W_down, dx = d_pre W_gate_up (W read
-    # transposed, n contiguous)
+    # (name, GATHER, SILU_MUL, unit stride), the five launches of _FusedMoe: forward
+    # gate_up and down (W[e, n, k], k contiguous), the backward's recomputed gate/up
+    # pre-activations, dh = dout W_down and dx rows = d_pre W_gate_up (W read transposed,
+    # n contiguous); each as the tiled GEMM (prefill) and the GEMV (decode)
     for name, gather, silu_mul, unit in (("gate_up", True, True, "stride_wk"),
                                          ("down", False, False, "stride_wk"),
+                                         ("gate_up_recompute", True, False, "stride_wk"),
                                          ("down_input_grad", True, False, "stride_wn"),
                                          ("gate_up_input_grad", False, False, "stride_wn")):
         yield (f"fused_moe.{name}", fused_moe._expert_gemm_kernel, gemm,
                dict(gemm_tiles, **{unit: 1}, GATHER=gather, SILU_MUL=silu_mul), prefill_launch)
-        if unit == "stride_wk":
-            yield (f"fused_moe.{name}_decode", fused_moe._expert_gemv_kernel, gemm,
-                   dict(stride_wk=1, GATHER=gather, SILU_MUL=silu_mul, BLOCK_N=decode["BLOCK_N"],
-                        BLOCK_K=decode["BLOCK_K"], BLOCK_E=128), decode_launch)
+        yield (f"fused_moe.{name}_decode", fused_moe._expert_gemv_kernel, gemm,
+               {unit: 1, "GATHER": gather, "SILU_MUL": silu_mul, "BLOCK_N": decode["BLOCK_N"],
+                "BLOCK_K": decode["BLOCK_K"], "BLOCK_E": 128}, decode_launch)
     grad = {"c_ptr": data, "a_ptr": data, "scale_ptr": "*fp32", "out_ptr": data,
             "sorted_ptr": "*i32", "offsets_ptr": "*i32"}
     for gather_c, gather_a, scale in itertools.product((False, True), repeat=3):

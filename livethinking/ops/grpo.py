@@ -56,7 +56,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
 
     Returns (loss, stats): a scalar float32 loss differentiable in hidden, weight and bias,
     and a dict of detached statistics: ``logprobs`` (B, T) float32 (0 where the mask is 0:
-    those rows cost no GEMM work), ``entropy``, ``kl``,
+    those rows cost no GEMM work, as ``fused_linear_logprobs`` says), ``entropy``, ``kl``,
     ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` and ``ratio`` (masked means).
     """
     batch, length = _check(hidden, weight, targets, completion_mask, advantages, old_logprobs,
