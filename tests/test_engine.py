@@ -380,3 +380,67 @@ def test_a_pool_smaller_than_one_context_is_refused(moe_pair):
     _, model = moe_pair
     with pytest.raises(ValueError, match="num_kv_blocks=3 cannot hold one sequence"):
         LLM(model, block_size=4, num_kv_blocks=3, max_model_len=40)
+
+
+# ------------------------------------------------------------------ the LLM front, whole batches
+def test_generate_takes_more_prompts_than_max_waiting_in_waves(moe_pair):
+    _, model = moe_pair
+    prompts = _prompts([3, 9, 1, 14, 6, 2, 11, 5, 7, 4, 10])
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=1.0, max_tokens=5, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    llm = LLM(model, **SMALL, max_waiting=4)
+    outputs = llm.generate(prompts, params)
+    assert [o.prompt_token_ids for o in outputs] == prompts
+    solo = [LLM(model, **SMALL).generate([p], q)[0] for p, q in zip(prompts, params)]
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in solo]
+    assert _all_free(llm)
+    again = llm.generate(prompts[:2], params[:2])  # still usable
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in solo[:2]]
+
+
+def test_a_bad_prompt_in_a_batch_adds_nothing_and_the_next_call_works(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["a", ""], params)
+    assert not llm.engine.has_unfinished_requests() and _all_free(llm)
+    out = llm.generate(["c"], params)
+    assert out[0].outputs[0].token_ids == LLM(tiny_checkpoint, block_size=4).generate(
+        ["c"], params)[0].outputs[0].token_ids
+    with pytest.raises(TypeError, match="params must be SamplingParams"):
+        llm.generate(["a", "b"], [params, None])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.stream("", params)  # refused at the call, before anything is queued
+    assert _all_free(llm)
+
+
+def _interrupt_on_call(llm, monkeypatch, call: int):
+    execute, calls = llm.engine.runner.execute, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return execute(*args, **kwargs)
+    monkeypatch.setattr(llm.engine.runner, "execute", interrupted)
+
+
+def test_an_interrupt_mid_step_leaves_the_engine_empty(moe_pair, monkeypatch):
+    _, model = moe_pair
+    prompts = _prompts([9, 13, 4])
+    llm = LLM(model, **SMALL)
+    reference = llm.generate(prompts, GREEDY)
+    _interrupt_on_call(llm, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, GREEDY)
+    assert _all_free(llm)
+    _interrupt_on_call(llm, monkeypatch, 4)
+    stream = llm.stream(prompts[0], GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream)
+    assert _all_free(llm)
+    monkeypatch.undo()
+    again = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in reference]
+    assert _all_free(llm)

@@ -56,30 +56,48 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Generate for one prompt or a list (text or token ids); outputs in prompt order."""
+        """Generate for one prompt or a list (text or token ids); outputs in prompt order.
+
+        Any number of prompts: every prompt and params is validated first (an error adds
+        nothing), then they are fed in waves, as many as the engine admits
+        (``max_waiting``), more after each step as room frees. Seeded and greedy outputs
+        equal generating each prompt alone. On any error or interrupt the requests this
+        call added are aborted, so the engine is left as it was found.
+        """
         if _is_single_prompt(prompts):
             prompts = [prompts]
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        order = []
-        for prompt, p in zip(prompts, params):
-            request_id = f"generate-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, p)
-            order.append(request_id)
+        checked = [self._validate(i, prompt, p) for i, (prompt, p) in
+                   enumerate(zip(prompts, params))]  # token ids, each prompt
+        order = [f"generate-{next(self._ids)}" for _ in checked]
+        ours = set(order)
         finished: dict[str, RequestOutput] = {}
+        added = 0
         try:
             while len(finished) < len(order):
+                while added < len(order) and self.engine.has_room():
+                    self.engine.add_request(order[added], checked[added], params[added])
+                    added += 1
                 for output in self.engine.step():
-                    if output.finished:
+                    if output.finished and output.request_id in ours:
                         finished[output.request_id] = output
         finally:
-            for request_id in order:
+            for request_id in order[:added]:
                 if request_id not in finished:
                     self.engine.abort_request(request_id)
         return [finished[r] for r in order]
+
+    def _validate(self, index: int, prompt, params) -> list[int]:
+        """The engine's checks of one request, the error naming which prompt failed."""
+        try:
+            return self.engine.validate_request(prompt, params)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"prompts[{index}]: {e}") from None
 
     def chat(self, conversations, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {role, content}) or a list of
@@ -96,11 +114,20 @@ class LLM:
         return self.generate(prompts, params)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that advanced it."""
-        request_id = f"stream-{next(self._ids)}"
-        self.engine.add_request(request_id, prompt, params or SamplingParams())
+        """Yield the request's cumulative output after every step that advanced it.
+
+        The prompt and params are validated at the call (an error queues nothing); the
+        request is queued on the first ``next`` and aborted if the consumer stops early
+        or a step fails."""
+        params = params or SamplingParams()
+        prompt_ids = self.engine.validate_request(prompt, params)
+        return self._stream(f"stream-{next(self._ids)}", prompt_ids, params)
+
+    def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                ) -> Iterator[RequestOutput]:
         done = False
         try:
+            self.engine.add_request(request_id, prompt_ids, params)
             while not done:
                 for output in self.engine.step():
                     if output.request_id == request_id:

@@ -75,24 +75,15 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
-        """Queue a request. ValueError for a bad prompt or id; EngineFullError when
-        ``max_waiting`` sequences already wait."""
+        """Queue a request. ValueError/TypeError for a bad prompt, params or id (the rules
+        of :meth:`validate_request`); EngineFullError when ``max_waiting`` sequences
+        already wait. Nothing is queued when it raises."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self._prompt_ids(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
-                             f"tokens, which must leave room for at least one new token")
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
+        ids = self.validate_request(prompt, params)
+        if not self.has_room():
             raise EngineFullError(f"{len(self.scheduler.waiting)} sequences are waiting "
                                   f"(max_waiting={self.config.max_waiting}); retry later")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        if self.blocks.blocks_needed(len(ids)) + params.n - 1 > self.blocks.num_blocks:
-            raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n} needs more KV "
-                             f"blocks than the pool has ({self.blocks.num_blocks})")
         now = time.perf_counter() if arrival_time is None else arrival_time
         request = _Request(request_id, ids, params,
                            min(params.max_tokens, self.max_model_len - len(ids)), now)
@@ -104,6 +95,28 @@ class LLMEngine:
         request.seqs[0].needs_fork = params.n > 1
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
+
+    def validate_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if ``add_request`` would accept (prompt, params) in an
+        engine with room; else ValueError/TypeError naming what is wrong. Queues nothing,
+        so a batch can be checked whole before any of it is added."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
+                             f"tokens, which must leave room for at least one new token")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if self.blocks.blocks_needed(len(ids)) + params.n - 1 > self.blocks.num_blocks:
+            raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n} needs more KV "
+                             f"blocks than the pool has ({self.blocks.num_blocks})")
+        return ids
+
+    def has_room(self) -> bool:
+        """Whether ``add_request`` admits one more request now (fewer than ``max_waiting``
+        sequences wait)."""
+        return len(self.scheduler.waiting) < self.config.max_waiting
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
