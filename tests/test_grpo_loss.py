@@ -295,21 +295,108 @@ def test_bad_targets_and_shapes(generator):
         group_advantages(torch.zeros(6), 4)
 
 
-def test_matches_liger_where_installed(generator):
-    liger = pytest.importorskip("liger_kernel.chunked_loss")
-    hidden, weight, targets, mask, advantages = make_batch(generator, all_masked_row=False)
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        ours = run(fused_linear_grpo_loss, (hidden, weight, targets, mask, advantages),
-                   {"loss_type": loss_type, "max_completion_length": 5})
-        module = liger.LigerFusedLinearGRPOLoss(beta=0.0, loss_type=loss_type, use_ref_model=False, compiled=False,
-                                                max_completion_length=5)
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        theirs = module(h, w, targets, mask.int(), advantages)
-        loss = theirs[0] if isinstance(theirs, tuple) else theirs
-        loss.backward()
-        assert torch.allclose(ours[0], loss.detach(), atol=1e-5), loss_type
-        assert torch.allclose(ours[2][0], h.grad, atol=1e-5), loss_type
-        assert torch.allclose(ours[2][1], w.grad, atol=1e-5), loss_type
+LIGER_CASES = [case for case in itertools.product(
+    ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"], ["token", "sequence"], [False, True],
+    ["none", "logprobs", "model"]) if not (case[0] == "cispo" and case[1] == "sequence")]
+
+
+@pytest.mark.parametrize("loss_type,level,off_policy,ref", LIGER_CASES)
+def test_matches_liger(loss_type, level, off_policy, ref, generator):
+    """Against Liger-Kernel 0.8.5's ``LigerFusedLinearGRPOLoss`` (an outside implementation of
+    TRL's GRPOTrainer loss), fp32, loss + d hidden + d weight + d bias + its two metrics.
+
+    Same semantics, so compared directly: the grpo/bnpo/dr_grpo/dapo aggregation
+    (``num_items_in_batch`` and ``max_completion_length`` too), old log-probs, the token and
+    sequence (GSPO: masked mean of the log-ratio) importance ratio, two-sided clipping with
+    ``delta`` (Liger clamps the unclipped ratio at ``delta`` as we do), rollout importance
+    weights (Liger's ``vllm_is_ratio``, applied before the KL term as ours), β·k3 KL against
+    reference log-probs given directly or computed by Liger from a reference model
+    (``ref_input``/``ref_weight``; ours gets ``fused_linear_logprobs`` of the same), temperature
+    and an lm-head bias; Liger's metrics are [KL (when β ≠ 0), the clipped-region fraction],
+    ours ``kl`` and ``clip_ratio_region``.
+    Different by design, so mapped: CISPO caps the detached ratio at ``1 + epsilon_high`` in
+    ours (the paper's form) and at ``epsilon_high`` in Liger/TRL: Liger gets ``1 + ε_high``.
+    Liger's CISPO clip metric counts only the upper cap (as TRL's ``cispo_clip_ratio``): it is
+    compared with our ``clip_ratio_high``.
+    Not compared: Liger refuses CISPO with sequence-level ratios; it has no k1/k2 KL and no
+    per-token advantages; its float64 inputs are computed through float32 log-probs (its loss
+    is float32), so fp64 is no sharper reference than fp32 and only fp32 is compared.
+    Error budget: 4x what plain fp32 (full logits) makes against fp64, plus a few fp32 ulps of
+    the loss's magnitude — no implementation-specific slack."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    inputs = make_batch(generator)
+    hidden, weight, targets, mask, advantages = inputs
+    bias = torch.randn(weight.shape[0], generator=generator)
+    temperature, beta = 0.7, (0.0 if ref == "none" else 0.05)
+    exact_logp = reference_loss(*inputs, bias=bias, temperature=temperature)[1]["logprobs"].float()
+    ours_kwargs = dict(temperature=temperature, epsilon_low=0.2, epsilon_high=0.28, beta=beta,
+                       loss_type=loss_type, importance_sampling_level=level)
+    liger_kwargs = dict(temperature=temperature, epsilon_low=0.2, epsilon_high=0.28, beta=beta,
+                        loss_type=loss_type, importance_sampling_level=level, compiled=False,
+                        use_ref_model=ref != "none")
+    call = {}
+    if loss_type == "cispo":
+        liger_kwargs["epsilon_high"] = 1 + 0.28
+    if loss_type == "dr_grpo":
+        ours_kwargs["max_completion_length"] = liger_kwargs["max_completion_length"] = 8
+    if loss_type == "dapo":
+        ours_kwargs["num_items_in_batch"] = call["num_items_in_batch"] = 11.0
+    if off_policy:  # old log-probs off by ±0.45 a sequence (toward clipping) ± 0.3 a token
+        old = (exact_logp - 0.45 * advantages.sign()[:, None]
+               + 0.3 * torch.randn(exact_logp.shape, generator=generator))
+        is_weights = torch.rand(targets.shape, generator=generator) + 0.5
+        ours_kwargs.update(old_logprobs=old, rollout_is_weights=is_weights, delta=1.5)
+        call.update(old_per_token_logps=old, vllm_is_ratio=is_weights)
+        liger_kwargs["delta"] = 1.5
+    if ref == "logprobs":
+        ref_logp = exact_logp + 0.2 * torch.randn(exact_logp.shape, generator=generator)
+        ours_kwargs["ref_logprobs"] = call["ref_per_token_logps"] = ref_logp
+    elif ref == "model":  # a reference model: its own final hidden states and lm head
+        ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=generator)
+        ref_weight = weight + 0.05 * torch.randn(weight.shape, generator=generator)
+        ours_kwargs["ref_logprobs"] = fused_linear_logprobs(
+            ref_hidden.reshape(-1, hidden.shape[-1]), ref_weight, targets.reshape(-1), bias=bias,
+            temperature=temperature).reshape(targets.shape)
+        call.update(ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=bias)
+
+    reference_kwargs = {"old": ours_kwargs.get("old_logprobs"), "ref": ours_kwargs.get("ref_logprobs"),
+                        "is_weights": ours_kwargs.get("rollout_is_weights"), "level": level,
+                        **{k: v for k, v in ours_kwargs.items() if k in (
+                            "temperature", "epsilon_low", "epsilon_high", "beta", "loss_type",
+                            "delta", "max_completion_length", "num_items_in_batch")}}
+    exact = run(lambda *a, **k: reference_loss(*a, **k, dtype=torch.float64),
+                [t.double() if t.is_floating_point() else t for t in inputs],
+                dict(reference_kwargs, bias=bias.double()))
+    plain = run(lambda *a, **k: reference_loss(*a, **k, dtype=torch.float32), inputs,
+                dict(reference_kwargs, bias=bias))
+    ours = run(fused_linear_grpo_loss, inputs, dict(ours_kwargs, bias=bias))
+
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+              bias.clone().requires_grad_()]
+    module = LigerFusedLinearGRPOLoss(**liger_kwargs)
+    liger_loss, liger_metrics = module(leaves[0], leaves[1], targets, mask.float(), advantages,
+                                       bias=leaves[2], **call)
+    liger_loss.backward()
+
+    scale = max(exact[1]["magnitude"].item(), 1e-3)
+    for name, o, t, p, e in [("loss", ours[0], liger_loss.detach(), plain[0], exact[0])] + [
+            (f"grad {i}", o, leaf.grad, p, e)
+            for i, (o, leaf, p, e) in enumerate(zip(ours[2], leaves, plain[2], exact[2]))]:
+        budget = 4 * (p.double() - e).abs().max().item() + 64 * U32 * max(e.abs().max().item(), scale)
+        difference = (o.double() - t.double()).abs().max().item()
+        assert difference <= budget, (name, difference, budget)
+    *liger_kl, liger_clipped = liger_metrics
+    assert len(liger_kl) == (beta != 0)
+    if liger_kl:
+        assert ours[1]["kl"].item() == pytest.approx(liger_kl[0].item(), rel=1e-5, abs=1e-7)
+    # CISPO clips only above (Liger and TRL count ``ratio > cap and A > 0``): compared with
+    # our clip_ratio_high; our clip_ratio_low/region also count ``ratio < 1 − ε_low, A < 0``
+    # for CISPO, which it does not clip (a real difference, reported with this test)
+    clipped = "clip_ratio_high" if loss_type == "cispo" else "clip_ratio_region"
+    assert ours[1][clipped].item() == pytest.approx(liger_clipped.item(), abs=1e-7)
+    if off_policy and loss_type != "cispo":
+        assert liger_clipped.item() > 0  # the case exercises clipping
 
 
 def test_reference_logprobs_without_beta_only_feed_the_kl_statistic(generator):
