@@ -55,16 +55,6 @@ def _data_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from livethinking.train import GRPOConfig, RFTConfig, load_config, run_grpo, run_rft
-
-    cls, run = (RFTConfig, run_rft) if args.command == "rft" else (GRPOConfig, run_grpo)
-    config = load_config(cls, args.config, args.overrides)
-    final = run(config, resume=args.resume)
-    print(f"{args.command}: final model in {final}")
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from livethinking.train import DemoSize, run_demo
 
@@ -109,17 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)
 
-    for name, text in (("rft", "rejection-sampling fine-tuning of a student on judged teacher "
-                                "samples"),
-                       ("grpo", "group-relative policy optimisation with correctness, "
-                                "helpfulness and length rewards")):
+    from livethinking.train.entry import COMMANDS, add_run_arguments, run_command
+
+    for name, text in COMMANDS.items():  # the trainer's own parsers (python -m livethinking.train)
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--config", help="YAML config file")
-        sub.add_argument("--resume", action="store_true",
-                         help="continue from the latest checkpoint in run.output_dir")
-        sub.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="config overrides, dotted keys nest (optim.lr=1e-5)")
-        sub.set_defaults(run=_train)
+        add_run_arguments(sub)
+        sub.set_defaults(run=run_command)
 
     demo = commands.add_parser("demo", help="the whole recipe on synthetic livestream data, "
                                             "on a CPU in minutes")

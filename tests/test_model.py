@@ -181,6 +181,40 @@ def test_kv_cache_decoding_matches_full_forward(case):
     assert cache.length.tolist() == [12, 12]
 
 
+def test_a_cache_attends_only_when_it_derives_from_attending_kv_cache():
+    from livethinking.model import AttendingKVCache
+
+    _, ours = _pair("dense_tied")
+    ids, positions = _ids(2, 6), torch.arange(6).expand(2, 6)
+
+    class HasAttendAttribute(StaticKVCache):  # an `attend` name alone is not the contract
+        def attend(self, *args):
+            raise AssertionError("a plain KVCache must be used through update()")
+
+    class Attending(AttendingKVCache):
+        def __init__(self):
+            self.inner, self.calls = StaticKVCache.for_model(ours.config, 2, 8), 0
+
+        def update(self, layer_idx, k, v, positions):
+            return self.inner.update(layer_idx, k, v, positions)
+
+        def attend(self, layer_idx, q, k, v, positions):
+            self.calls += 1
+            k_all, v_all, mask = self.update(layer_idx, k, v, positions)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, enable_gqa=k_all.shape[1] != q.shape[1])
+
+    with torch.no_grad():
+        full = ours(ids)
+        plain = ours.forward_step(ids, positions, HasAttendAttribute.for_model(ours.config, 2, 8))
+        attending = Attending()
+        through_attend = ours.forward_step(ids, positions, attending)
+    assert (plain - full).abs().max() <= ATOL and (through_attend - full).abs().max() <= ATOL
+    assert attending.calls == ours.config.num_hidden_layers
+    with pytest.raises(TypeError):
+        type("Partial", (AttendingKVCache,), {"update": lambda *a: None})()  # attend missing
+
+
 # ------------------------------------------------------------------------------- checkpointing
 def test_gradient_checkpointing_gives_identical_gradients():
     _, ours = _pair("moe_step2_mlp_only_tied")

@@ -1,7 +1,11 @@
-"""The Triton paged decode-attention kernel (interpreted on CPU) against a float64 gather."""
+"""The Triton paged decode-attention kernel (interpreted on CPU) and its op
+``livethinking.ops.paged_decode_attention`` (the kernel, or PyTorch on CPU) against a
+float64 gather."""
 
 import pytest
 import torch
+
+from livethinking import ops
 
 from livethinking.kernels.paged_attention import (paged_decode_attention,
                                                   paged_decode_attention_reference)
@@ -109,3 +113,60 @@ def test_gpu_matches_float64(dtype, generator):
     plain_error = (plain.double() - exact).abs().max().item()
     assert ours_error <= 2 * plain_error + 8 * EPS[dtype] * exact.abs().max().item()
 
+
+
+# ------------------------------------------------------------------ the op (livethinking.ops)
+@pytest.mark.parametrize("use_kernel", [None, True], ids=["cpu-torch", "kernel"])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "-".join(map(str, c[:5])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_op_matches_float64_and_never_reads_past_the_context(case, dtype, use_kernel, generator):
+    batch, heads, kv_heads, dim, bs, contexts, _ = case
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, batch, heads, kv_heads, dim, bs, contexts, dtype)
+    out = ops.paged_decode_attention(q, k_pool, v_pool, tables, ctx, use_kernel=use_kernel)
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
+    plain = _plain(q, k_pool, v_pool, tables, ctx)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()  # no NaN block
+    ours_error = (out.double() - exact).abs().max().item()
+    plain_error = (plain.double() - exact).abs().max().item()
+    assert ours_error <= 2 * plain_error + 8 * EPS[dtype] * exact.abs().max().item()
+
+
+def test_op_scale_and_int32_tables(generator):
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 2, 4, 2, 8, 4, [6, 11], torch.float32)
+    out = ops.paged_decode_attention(q, k_pool, v_pool, tables.int(), ctx.int(), scale=0.5)
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx, scale=0.5)
+    assert torch.allclose(out.double(), exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(context_lens=torch.tensor([0, 3])), ValueError, r"context_lens must lie in \[1, max_blocks · BS = 8\]"),
+    (dict(context_lens=torch.tensor([9, 3])), ValueError, "context_lens must lie"),
+    (dict(block_tables=torch.tensor([[0, 7], [1, 0]])), ValueError, r"entries .* \[0, 5\)"),
+    (dict(block_tables=torch.zeros(2, 2)), TypeError, "block_tables must be int32 or int64"),
+    (dict(v_pool=torch.randn(5, 4, 2, 8, dtype=torch.float64)), TypeError, "one dtype"),
+    (dict(q=[[0.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(scale=0.0), ValueError, "scale must be > 0"),
+])
+def test_op_bad_input_names_the_argument(change, error, match):
+    args = dict(q=torch.randn(2, 4, 8), k_pool=torch.randn(5, 4, 2, 8), v_pool=torch.randn(5, 4, 2, 8),
+                block_tables=torch.tensor([[0, 1], [2, 9]]),  # row 1's second entry is past ctx 3
+                context_lens=torch.tensor([8, 3]))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.paged_decode_attention(**args)
+
+
+def test_op_kernel_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pool = torch.randn(3, 4, 2, 8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.paged_decode_attention(torch.randn(1, 2, 8), pool, pool, torch.zeros(1, 1, dtype=torch.long),
+                                   torch.ones(1, dtype=torch.long), use_kernel=True)
+
+
+@pytest.mark.gpu
+def test_gpu_op_runs_the_kernel(generator):
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 3, 8, 2, 64, 16, [5, 100, 33], torch.bfloat16,
+                                             num_blocks=64, device="cuda")
+    assert torch.equal(ops.paged_decode_attention(q, k_pool, v_pool, tables, ctx),
+                       paged_decode_attention(q, k_pool, v_pool, tables, ctx))

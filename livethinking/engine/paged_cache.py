@@ -8,10 +8,12 @@ Before each forward the runner calls :meth:`PagedKVCache.set_batch` with, per ro
 slots its new tokens go to and its block table; :meth:`update` scatters a layer's new k/v
 into the pool, gathers each row's keys in position order through its block table and
 returns them with the mask "key position <= query position and < context length".
-:meth:`attend` does the attention too: for decode (one token per row) with
-``decode_kernel`` on, the Triton paged kernel reads K/V straight from the pool up to each
-row's own context length (no gather; the cost under CUDA graphs follows the real context,
-not the padded block table); otherwise the gather and a masked SDPA.
+:meth:`attend` does the attention too (the cache is an ``AttendingKVCache``): decode (one
+token per row) is ``livethinking.ops.paged_decode_attention`` over the pool — with
+``decode_kernel`` on, the Triton kernel reads K/V straight from the pool up to each row's
+own context length (no gather; the cost under CUDA graphs follows the real context, not
+the padded block table), otherwise the op's gather and masked SDPA; a prefill chunk is
+the gather and a masked SDPA.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from livethinking.kernels.paged_attention import paged_decode_attention
+from livethinking.model.kv_cache import AttendingKVCache
+from livethinking.ops import paged_decode_attention
 
 __all__ = ["PagedBatch", "PagedKVCache"]
 
@@ -36,7 +39,7 @@ class PagedBatch:
     fresh: bool = False  # every row starts at position 0 with no padding: plain causal
 
 
-class PagedKVCache:
+class PagedKVCache(AttendingKVCache):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype: torch.dtype, device: torch.device | str,
                  decode_kernel: bool | None = None) -> None:
@@ -105,10 +108,11 @@ class PagedKVCache:
             self._write(layer_idx, k, v, positions)
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                                   enable_gqa=k.shape[1] != q.shape[1])
-        if self.decode_kernel and q.shape[2] == 1:
+        if q.shape[2] == 1:  # decode: each row's one query sits at position context − 1
             batch = self._write(layer_idx, k, v, positions)
             out = paged_decode_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx],
-                                         batch.block_tables, batch.context_lens)
+                                         batch.block_tables, batch.context_lens,
+                                         use_kernel=self.decode_kernel)
             return out[:, :, None]
         k_all, v_all, mask = self.update(layer_idx, k, v, positions)
         return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),

@@ -6,8 +6,8 @@ Three ways in, chosen by :class:`AttentionInputs`:
   flash-attn's varlen kernel when it is importable (CUDA, fp16/bf16), otherwise SDPA with
   a block-diagonal causal mask;
 - a KV cache: keys/values go through :meth:`KVCache.update`, which returns what to
-  attend over and the mask; a cache with its own ``attend(layer_idx, q, k, v, positions)
-  -> (B, heads, T, D)`` (the engine's paged cache, with a paged decode kernel) does both.
+  attend over and the mask; an :class:`AttendingKVCache` (the engine's paged cache, with
+  a paged decode op) does both in :meth:`AttendingKVCache.attend`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livethinking.model.kv_cache import KVCache
+from livethinking.model.kv_cache import AttendingKVCache, KVCache
 from livethinking.model.layers import RMSNorm, apply_rotary
 
 try:  # optional; never required
@@ -38,7 +38,7 @@ class AttentionInputs:
     cu_seqlens: torch.Tensor | None = None  # (docs + 1,) int32, packed rows only
     max_seqlen: int = 0
     mask: torch.Tensor | None = None  # (1, 1, T, T) bool for packed SDPA
-    kv_cache: KVCache | None = None
+    kv_cache: KVCache | AttendingKVCache | None = None
     positions: torch.Tensor | None = None  # (B, T), with kv_cache
 
 
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, inputs.cos, inputs.sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)  # (B, heads, T, D)
 
-        if inputs.kv_cache is not None and hasattr(inputs.kv_cache, "attend"):
+        if isinstance(inputs.kv_cache, AttendingKVCache):
             out = inputs.kv_cache.attend(self.layer_idx, q, k, v, inputs.positions)
         elif inputs.kv_cache is not None:
             k, v, mask = inputs.kv_cache.update(self.layer_idx, k, v, inputs.positions)

@@ -1,17 +1,22 @@
-"""The KV-cache protocol the model writes through, and a contiguous reference cache.
+"""The model's contract with KV caches, and a contiguous reference cache.
 
-The model never schedules: the caller owns the cache, picks the positions, and the
-model only hands each layer's new keys/values to :meth:`KVCache.update` and attends
-over what comes back. A paged engine cache implements the same protocol.
+The model never schedules: the caller owns the cache and picks the positions. Two kinds:
+- :class:`KVCache` (a protocol): the model hands each layer's new keys/values to
+  :meth:`KVCache.update` and attends over what comes back (:class:`StaticKVCache`);
+- :class:`AttendingKVCache` (a base class to derive from, so the choice is explicit): the
+  cache also does the attention, :meth:`AttendingKVCache.attend` taking q, k, v and
+  returning the output (the engine's paged cache, whose decode reads straight from the
+  pool). The model asks ``isinstance(cache, AttendingKVCache)``, never probes attributes.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["KVCache", "StaticKVCache"]
+__all__ = ["AttendingKVCache", "KVCache", "StaticKVCache"]
 
 
 @runtime_checkable
@@ -25,6 +30,24 @@ class KVCache(Protocol):
         additive float; ``None`` means every query may see every returned key.
         """
         ...
+
+
+class AttendingKVCache(ABC):
+    """A KV cache that attends itself. Subclasses implement both methods: ``update`` (the
+    :class:`KVCache` protocol, for callers that want the keys) and ``attend``, which the
+    model calls instead of ``update`` + SDPA."""
+
+    @abstractmethod
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As :meth:`KVCache.update`."""
+
+    @abstractmethod
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, kv_heads, T, D) of ``layer_idx`` at ``positions`` (B, T) and
+        return causal attention of q (B, heads, T, D) over everything the rows hold up to
+        each query's position: (B, heads, T, D) in q's dtype."""
 
 
 class StaticKVCache:

@@ -7,6 +7,7 @@ from livethinking import _extension
 from livethinking.ops.grpo import fused_linear_grpo_loss, group_advantages
 from livethinking.ops.logprobs import fused_linear_logprobs
 from livethinking.ops.moe_layer import fused_moe
+from livethinking.ops.paged_attention import paged_decode_attention
 from livethinking.ops.routing import (
     MoeAlignment,
     moe_align,
@@ -28,4 +29,5 @@ __all__ = [
     "moe_permute",
     "moe_topk_softmax",
     "moe_unpermute",
+    "paged_decode_attention",
 ]

@@ -2,7 +2,7 @@
 
 import sys
 
-from livethinking.cli import main
+from livethinking.train.entry import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,107 @@
+"""Decode attention over a paged KV pool: one new query per sequence, keys read through
+each sequence's block table.
+
+    out[b, h] = Σ_{s < ctx[b]} softmax_s(scale · q[b, h] · k_s) · v_s,
+    k_s = k_pool[block_tables[b, s // BS], s % BS, h // (Hq / Hkv)]   (v_s likewise)
+
+CUDA runs the split-K Triton kernel of ``livethinking.kernels.paged_attention`` (no gather;
+each row reads only its own context; no host sync, so CUDA graphs can capture it). CPU
+runs PyTorch: gather every row's blocks, mask the keys at or past its context (they are
+zeroed, so whatever the pool holds there — stale, NaN — never reaches the output) and one
+SDPA. ``use_kernel=True`` runs the Triton kernel on CPU too, under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from livethinking.kernels import paged_attention as triton_paged
+
+__all__ = ["paged_decode_attention"]
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           scale: float | None = None, use_kernel: bool | None = None
+                           ) -> torch.Tensor:
+    """Attention of q (B, Hq, D) over each row's paged context -> (B, Hq, D) in q's dtype.
+
+    k_pool, v_pool (blocks, BS, Hkv, D), Hq a multiple of Hkv (grouped-query attention);
+    block_tables (B, max_blocks) int, context_lens (B,) int, each in [1, max_blocks · BS];
+    table entries past a row's context are never read. ``scale`` defaults to D^-1/2.
+    ``use_kernel``: None picks the Triton kernel on CUDA and PyTorch elsewhere.
+    """
+    _check(q, k_pool, v_pool, block_tables, context_lens, scale)
+    if q.is_cuda if use_kernel is None else use_kernel:
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("use_kernel=True on CPU tensors needs the Triton interpreter "
+                             "(TRITON_INTERPRET=1 before triton is imported)")
+        return triton_paged.paged_decode_attention(q, k_pool, v_pool, block_tables,
+                                                   context_lens, scale=scale)
+    return _paged_decode_torch(q, k_pool, v_pool, block_tables, context_lens, scale)
+
+
+def _paged_decode_torch(q, k_pool, v_pool, block_tables, context_lens, scale):
+    batch, heads, dim = q.shape
+    block_size, kv_heads = k_pool.shape[1], k_pool.shape[2]
+    max_blocks = block_tables.shape[1]
+    ctx = context_lens.long()[:, None]  # (B, 1)
+    live_block = torch.arange(max_blocks, device=q.device)[None, :] * block_size < ctx
+    tables = block_tables.long().masked_fill(~live_block, 0)  # (B, max_blocks): no stray ids
+    key_ok = torch.arange(max_blocks * block_size, device=q.device)[None, :] < ctx  # (B, S)
+    keep = key_ok[:, None, :, None]  # (B, 1, S, 1)
+    k = k_pool[tables].view(batch, -1, kv_heads, dim).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool[tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
+    k = k.to(q.dtype).masked_fill(~keep, 0)
+    v = v.to(q.dtype).masked_fill(~keep, 0)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=key_ok[:, None, None, :],
+                                         scale=scale, enable_gqa=heads != kv_heads)
+    return out[:, :, 0]  # (B, Hq, D)
+
+
+def _check(q, k_pool, v_pool, block_tables, context_lens, scale) -> None:
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool),
+                    ("block_tables", block_tables), ("context_lens", context_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be (blocks, BS, Hkv, D), got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    batch, heads, dim = q.shape
+    num_blocks, block_size, kv_heads, pool_dim = k_pool.shape
+    if pool_dim != dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q (B, Hq={heads}, D={dim}) does not fit a pool with Hkv={kv_heads}, "
+                         f"D={pool_dim} (D must match and Hq be a multiple of Hkv)")
+    if not q.is_floating_point() or k_pool.dtype != v_pool.dtype or not k_pool.is_floating_point():
+        raise TypeError(f"q, k_pool and v_pool must be floating, the pools of one dtype; got "
+                        f"{q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be (B={batch}, max_blocks), got "
+                         f"{tuple(block_tables.shape)}")
+    if context_lens.shape != (batch,):
+        raise ValueError(f"context_lens must be (B={batch},), got {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if q.is_cuda or batch == 0:  # values on the device stay unchecked: no host sync
+        return
+    limit = block_tables.shape[1] * block_size
+    if context_lens.min() < 1 or context_lens.max() > limit:
+        raise ValueError(f"context_lens must lie in [1, max_blocks · BS = {limit}], got values "
+                         f"in [{context_lens.min().item()}, {context_lens.max().item()}]")
+    live = (torch.arange(block_tables.shape[1])[None, :] * block_size
+            < context_lens.long()[:, None])
+    used = block_tables[live]
+    if used.numel() and (used.min() < 0 or used.max() >= num_blocks):
+        raise ValueError(f"block_tables entries within a row's context must lie in "
+                         f"[0, {num_blocks}), got values in [{used.min().item()}, "
+                         f"{used.max().item()}]")
