@@ -112,3 +112,15 @@ def test_the_walk_resolves_relative_and_function_level_imports(tmp_path):
                       "def f():\n    import livethinking.server.app\n")
     names = _imports("livethinking.train.mod", source)
     assert {"livethinking.train.ops", "livethinking.cli.main", "livethinking.server.app"} <= names
+
+
+def test_the_trainer_entry_is_the_commands_rft_and_grpo(tmp_path, capsys):
+    from livethinking.cli import build_parser
+    from livethinking.train.entry import main, run_command
+
+    args = build_parser().parse_args(["grpo", "--config", "c.yaml", "--resume", "optim.lr=1"])
+    assert args.run is run_command
+    assert (args.command, args.config, args.resume, args.overrides) == ("grpo", "c.yaml", True,
+                                                                        ["optim.lr=1"])
+    assert main(["rft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
