@@ -52,22 +52,40 @@ class HiddenOutput:
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int,
-                        top_k: int) -> torch.Tensor:
-    """Switch-Transformer balance loss exactly as transformers computes it for Qwen3-MoE.
+                        top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer balance loss exactly as transformers computes it for Qwen3-MoE
+    (``load_balancing_loss_func``, its ``attention_mask`` included).
 
-    Over all layers' rows together: f_e = (#top-k picks of e) / rows, P_e = mean softmax
-    prob of e; loss = E · Σ_e f_e · P_e (f_e is not divided by k, as in transformers).
+    Over all layers' rows together, each row t weighted by m_t (``token_mask`` flattened to
+    the (B·T,) rows of every layer; 1 everywhere when None): f_e = Σ_t m_t·[e in top-k(t)] /
+    Σ_t m_t, P_e = Σ_t m_t·softmax(l_t)_e / Σ_t m_t; loss = E · Σ_e f_e · P_e (f_e is not
+    divided by k, as in transformers). A row with m_t = 0 (padding, prompt) adds nothing;
+    an all-zero mask gives 0 (transformers: NaN).
     """
     counts = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
     prob_sum = torch.zeros_like(counts)
-    rows = 0
-    for logits in router_logits:
+    rows = counts.new_zeros(())
+    weight = None
+    if token_mask is not None:
+        weight = token_mask.reshape(-1).to(device=counts.device, dtype=torch.float32)  # (B·T,)
+        if weight.numel() != router_logits[0].shape[0]:
+            raise ValueError(f"token_mask must have one entry per router row "
+                             f"({router_logits[0].shape[0]}), got {tuple(token_mask.shape)}")
+    for logits in router_logits:  # (B·T, E)
         probs = F.softmax(logits.float(), dim=-1)
         with torch.no_grad():
-            picks = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-            counts = counts + torch.bincount(picks, minlength=num_experts).float()
-        prob_sum = prob_sum + probs.sum(dim=0)
-        rows += probs.shape[0]
+            picks = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)  # (B·T·k,)
+            if weight is None:
+                counts = counts + torch.bincount(picks, minlength=num_experts).float()
+            else:
+                counts = counts.scatter_add(0, picks, weight.repeat_interleave(top_k))
+        if weight is None:
+            prob_sum = prob_sum + probs.sum(dim=0)
+            rows = rows + probs.shape[0]
+        else:
+            prob_sum = prob_sum + (probs * weight[:, None]).sum(dim=0)
+            rows = rows + weight.sum()
+    rows = rows.clamp(min=1)
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
@@ -134,7 +152,8 @@ class CausalLM(nn.Module):
         return self.model.norm(x), router_logits
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       cu_seqlens: torch.Tensor | None = None, head=None) -> HiddenOutput:
+                       cu_seqlens: torch.Tensor | None = None, head=None,
+                       token_mask: torch.Tensor | None = None) -> HiddenOutput:
         """Training forward to the final hidden states (after the final norm).
 
         input_ids (B, T); position_ids (B, T), default 0..T-1 (restarting per document
@@ -142,7 +161,10 @@ class CausalLM(nn.Module):
         be 1, the row holds several documents and attention never crosses them.
         ``head(hidden_states, lm_head_weight)``, when given, runs inside this call (so under
         FSDP the lm_head weight is unsharded for it) and its result is ``head_output``:
-        the place for a fused loss on the hidden states.
+        the place for a fused loss on the hidden states. ``token_mask`` (B, T), when given,
+        selects the positions the load-balancing loss counts (as transformers'
+        ``attention_mask``): the trainers pass the loss positions, so padding and prompt
+        tokens do not enter it.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -164,8 +186,11 @@ class CausalLM(nn.Module):
         hidden, router_logits = self._run_layers(input_ids, position_ids, inputs)
         aux = None
         if router_logits:
+            if token_mask is not None and tuple(token_mask.shape) != (batch, steps):
+                raise ValueError(f"token_mask must have input_ids' shape {(batch, steps)}, got "
+                                 f"{tuple(token_mask.shape)}")
             aux = load_balancing_loss(tuple(router_logits), self.config.num_experts,
-                                      self.config.num_experts_per_tok)
+                                      self.config.num_experts_per_tok, token_mask)
         head_output = None if head is None else head(hidden, self.lm_head.weight)
         return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef,
                             head_output)

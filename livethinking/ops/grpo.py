@@ -8,14 +8,21 @@ advantage A:
                                 the masked mean of l over the sequence, on each of its tokens
     r = exp(l)
     loss_t = −min(min(r, δ)·A, clamp(r, 1 − ε_low, 1 + ε_high)·A)      (δ = ∞ unless given)
-    cispo:  loss_t = −sg(min(r, 1 + ε_high))·A·logp
+    cispo:  loss_t = −sg(min(r, 1 + ε_high))·A·logp      (MiniMax-M1's form: the cap is 1 + ε_high)
     loss_t *= rollout_is_weights                                      (when given)
     loss_t += β·KL_t(logp ‖ ref)   k1: logp − ref,  k2: ½(logp − ref)²,  k3: e^(ref−logp) − (ref−logp) − 1
 
 aggregated over the completion mask: grpo (mean per sequence, then over sequences),
 bnpo (sum / masked tokens), dr_grpo (sum / (B · max_completion_length)), dapo and cispo
-(sum / num_items_in_batch, default the local masked-token count). The token-level
-math costs O(B·T); the vocabulary pass is the fused log-prob op, whose backward takes
+(sum / num_items_in_batch, default the local masked-token count).
+
+CISPO's cap differs from TRL's: TRL's ``GRPOTrainer`` computes
+``clamped_ratios = torch.clamp(coef_1, max=self.epsilon_high).detach()``, i.e. the cap is
+``epsilon_high`` itself, while here, as in the MiniMax-M1 paper (r̂ = clip(r, 1 − ε_low^IS,
+1 + ε_high^IS), only the upper bound kept), it is ``1 + epsilon_high``: TRL's
+``epsilon_high=e`` is ``epsilon_high=e − 1`` here.
+
+The token-level math costs O(B·T); the vocabulary pass is the fused log-prob op, whose backward takes
 the gradient of this loss with respect to logp.
 """
 

@@ -24,6 +24,11 @@ class RunConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    # held-out evaluation on the top config's eval_data (logged as eval/…): at step 0, every
+    # eval_every steps and at the end; 0 with eval_data: at step 0 and at the end only
+    eval_every: int = 0
+    eval_max_tokens: int = 256  # greedy answer length in evaluation
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
@@ -31,6 +36,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.save_every < 0:
             raise ValueError("log_every must be >= 1 and save_every >= 0")
+        if self.eval_every < 0 or self.eval_max_tokens < 1:
+            raise ValueError(f"eval_every must be >= 0 and eval_max_tokens >= 1, got "
+                             f"{self.eval_every} and {self.eval_max_tokens}")
+
+
+def _check_eval(eval_data: str | None, run: RunConfig) -> None:
+    if run.eval_every and not eval_data:
+        raise ValueError(f"run.eval_every ({run.eval_every}) needs eval_data (held-out records)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,6 +134,7 @@ class RFTConfig:
         _positive(self, "epochs", "row_tokens", "rows_per_step")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        _check_eval(self.eval_data, self.run)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -148,7 +162,13 @@ class RolloutConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """Every option of ``fused_linear_grpo_loss``."""
+    """Every option of ``fused_linear_grpo_loss``.
+
+    ``epsilon_high`` under ``cispo`` caps the weight at ``1 + epsilon_high`` (the MiniMax-M1
+    paper's ε_high^IS), not at ``epsilon_high`` as TRL does
+    (``torch.clamp(coef_1, max=self.epsilon_high)``): TRL's ``epsilon_high: e`` is our
+    ``epsilon_high: e − 1``.
+    """
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
     beta: float = 0.0
@@ -204,3 +224,4 @@ class GRPOConfig:
         if self.prompts_per_step % self.updates_per_batch:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"updates_per_batch ({self.updates_per_batch})")
+        _check_eval(self.eval_data, self.run)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistributedContext", "all_reduce_max", "all_reduce_min", "all_reduce_sum",
-           "end_distributed", "full_state_dict", "init_distributed", "shard_model"]
+__all__ = ["DistributedContext", "all_gather_rows", "all_reduce_max", "all_reduce_min",
+           "all_reduce_sum", "barrier", "broadcast_from_main", "end_distributed",
+           "full_state_dict", "init_distributed", "shard_model"]
 
 
 @dataclass(slots=True)
@@ -90,6 +91,38 @@ def all_reduce_max(values: list[float], context: DistributedContext) -> list[flo
 
 def all_reduce_min(values: list[float], context: DistributedContext) -> list[float]:
     return _all_reduce(values, context, "MIN")
+
+
+def all_gather_rows(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """Every rank's (n, ...) tensor (the same n on each) stacked in rank order: (world·n, ...)
+    on every rank (a collective). A single process gets its own tensor back."""
+    if context.world_size == 1:
+        return tensor
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(context.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_from_main(value, context: DistributedContext):
+    """Rank 0's ``value`` (any picklable object) on every rank (a collective); other ranks'
+    ``value`` is ignored. A single process gets its own value back."""
+    if context.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if context.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(context: DistributedContext) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if context.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def full_state_dict(model, context: DistributedContext, *, all_ranks: bool = False

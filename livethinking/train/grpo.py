@@ -10,34 +10,35 @@ update; else recomputed by the trainer before the first update. With external ro
 the sampler's log-probs give truncated importance weights min(e^(old − sampler), cap).
 A frozen reference model supplies ref log-probs when β > 0. Rollout seeds are a function
 of the prompt cursor, so a resumed run repeats the uninterrupted one.
+
+Under torchrun every rank draws the same prompt picks and keeps every world_size-th; the
+rewards of all ranks are gathered before the advantages are computed (as TRL does), so
+``advantage_scale: batch`` divides by the global batch's std, and each rank takes its
+slice. ``GRPOTrainer`` holds the state of a step; ``run_training`` (``loop``) runs it.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from livethinking import ops
 from livethinking.data import load_records
-from livethinking.train.checkpointing import (checkpoint_collectively, load_trainer_state,
-                                              save_final_model, set_rng_state)
-from livethinking.train.common import load_policy, make_judges, prompt_ids, start_run
+from livethinking.train.common import load_policy, make_judges, prompt_ids
 from livethinking.train.config import GRPOConfig
-from livethinking.train.config_io import ConfigError, config_to_dict
-from livethinking.train.distributed import (all_reduce_max, all_reduce_min, all_reduce_sum,
-                                            end_distributed, full_state_dict, shard_model)
+from livethinking.train.config_io import ConfigError
+from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
+                                            all_reduce_sum, full_state_dict)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
-from livethinking.train.metrics import MetricsLogger, plot_metrics
-from livethinking.train.optim import MasterWeightAdamW
+from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.rollout import engine_rollouts, openai_rollouts
 
-__all__ = ["PLOTS", "PromptStream", "run_grpo"]
+__all__ = ["GRPOTrainer", "PLOTS", "PromptStream", "measure_l_ref", "reward_stats",
+           "run_grpo"]
 
 PLOTS = {"reward components": ["reward/total", "reward/correctness", "reward/helpfulness",
                                "reward/length"],
@@ -77,183 +78,218 @@ def _reward_fn(config: GRPOConfig, l_ref: float):
         length_needs_correct=r.length_needs_correct)
 
 
-def _rollouts(config, llm, tokenizer, records, picks):
-    chosen = [records[i] for i, _ in picks]
-    prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in chosen]
-    seeds = [config.run.seed * 1000003 + cursor for _, cursor in picks]
-    if config.rollout.source == "engine":
-        return engine_rollouts(llm, chosen, prompts, config.rollout, seeds)
-    return openai_rollouts(tokenizer, chosen, prompts, config.rollout, seeds)
-
-
 def measure_l_ref(config: GRPOConfig, llm, tokenizer, records) -> float:
-    """The starting model's mean response length (tokens) over up to 32 training prompts."""
+    """The starting model's mean response length (tokens) over up to 32 training prompts,
+    sampled as the rollouts are (temperature, top_p, top_k, max_tokens)."""
     from livethinking.engine import SamplingParams
 
     sample = records[:32]
     prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in sample]
     params = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                            max_tokens=config.rollout.max_tokens, seed=config.run.seed,
-                            logprobs=False)
+                            top_k=config.rollout.top_k, max_tokens=config.rollout.max_tokens,
+                            seed=config.run.seed, logprobs=False)
     outputs = llm.generate(prompts, params)
     return statistics.fmean(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print) -> Path:
-    """Run GRPO; returns the directory of the final model (Hugging Face format)."""
-    from livethinking.engine import LLM
+def reward_stats(breakdown, *, length_needs_correct: bool) -> dict[str, float]:
+    """Batch means of the reward and its parts. ``reward/length`` is the length term as it
+    enters the total (r_len·C when ``length_needs_correct``); ``reward/length_raw`` is r_len."""
+    stats = {f"reward/{key}": statistics.fmean(getattr(b, key) for b in breakdown)
+             for key in ("total", "correctness", "helpfulness")}
+    gate = (lambda b: b.correctness) if length_needs_correct else (lambda b: 1.0)
+    stats["reward/length"] = statistics.fmean(b.length * gate(b) for b in breakdown)
+    stats["reward/length_raw"] = statistics.fmean(b.length for b in breakdown)
+    return stats
 
-    start_at = start_run(config.run, config.model, resume=resume)
-    out, device, dtype = start_at.out, start_at.device, start_at.dtype
-    dist, checkpoint = start_at.dist, start_at.checkpoint
-    if dist.world_size > 1 and config.prompts_per_step % dist.world_size:
-        raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
-                          f"of the number of processes ({dist.world_size})")
-    if not dist.is_main:
-        log = (lambda *_: None)
-    model, tokenizer = load_policy(start_at.policy_path, device, dtype)
-    rollout_model = model  # single process: the engine shares the policy's tensors
-    if dist.world_size > 1:  # FSDP shards the policy; the engine gets a full copy per rank,
-        rollout_model, _ = load_policy(start_at.policy_path, device, dtype)  # refreshed per step
-        rollout_model.eval().requires_grad_(False)
-        shard_model(model, dist)
-    reference = None
-    if config.loss.beta > 0:
-        reference, _ = load_policy(config.model, device, dtype)
-        reference.eval().requires_grad_(False)
-    records = load_records(config.train_data, on_error=config.on_bad_record).items
-    llm = LLM(rollout_model, tokenizer, deterministic=config.rollout.deterministic,
-              max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
-              max_model_len=min(model.config.max_position_embeddings, 8192))
-    total_updates = config.steps * config.updates_per_batch
-    optimizer = MasterWeightAdamW(model.parameters(), config.optim, total_updates)
-    start, stream, l_ref = 0, PromptStream(len(records), config.run.seed), config.reward.l_ref
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, stream.cursor, l_ref = int(state["step"]), int(state["cursor"]), state["l_ref"]
-        log(f"grpo: resumed from {checkpoint} at step {start}")
-    if l_ref is None and config.reward.w_length:
-        l_ref = measure_l_ref(config, llm, tokenizer, records)
-        log(f"grpo: L_ref = {l_ref:.1f} tokens (the starting model's mean response length)")
-    reward_fn = _reward_fn(config, l_ref or 1.0)
-    logger = MetricsLogger(out, tensorboard=config.run.tensorboard,
-                           resume_step=start if checkpoint is not None else None) \
-        if dist.is_main else None
-    config_json = json.dumps(config_to_dict(config), indent=2)
-    progress = None
-    if config.run.progress and dist.is_main:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=config.steps, initial=start, desc="grpo", unit="step",
-                        dynamic_ncols=True)
-    for step in range(start, config.steps):
-        stats = _step(config, model, reference, llm, tokenizer, records, stream, reward_fn,
-                      optimizer, device, dist)
+
+def run_grpo(config: GRPOConfig, *, resume: bool = False, log=print):
+    """Run GRPO; returns the directory of the final model (Hugging Face format)."""
+    return run_training(config, GRPOTrainer(config), resume=resume, log=log)
+
+
+class GRPOTrainer:
+    """GRPO on the run skeleton: ``prepare`` builds the engine (and the reference model),
+    ``step`` is one rollout batch — ``collect`` (rollouts, rewards, dynamic sampling),
+    ``advantages`` (over the global batch) and ``update`` (``updates_per_batch`` optimizer
+    steps over minibatches of groups)."""
+
+    name = "grpo"
+    plots = PLOTS
+
+    def __init__(self, config: GRPOConfig) -> None:
+        self.config = config
+        self.judge = config.reward.judge
+        self.run: TrainingRun | None = None
+        self.reference = None  # frozen model for the KL term (β > 0)
+        self.rollout_model = None  # under torchrun: a full copy for the engine
+        self.llm = None
+        self.records: list = []
+        self.stream: PromptStream | None = None
+        self.l_ref: float | None = config.reward.l_ref
+        self.reward_fn = None
+        self.update_stats: list[dict[str, float]] = []  # the last step's, one per update
+
+    # ------------------------------------------------------------------ the skeleton's hooks
+    def prepare(self, run: TrainingRun) -> tuple[int, int]:
+        from livethinking.engine import LLM
+
+        config, dist = self.config, run.dist
+        if dist.world_size > 1 and config.prompts_per_step % dist.world_size:
+            raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple "
+                              f"of the number of processes ({dist.world_size})")
+        self.run = run
+        self.rollout_model = run.model  # single process: the engine shares the policy's tensors
+        if dist.world_size > 1:  # FSDP shards the policy: the engine gets a full copy per rank,
+            self.rollout_model, _ = load_policy(run.policy_path, run.device, run.dtype)
+            self.rollout_model.eval().requires_grad_(False)  # refreshed after every step
+        if config.loss.beta > 0:
+            self.reference, _ = load_policy(config.model, run.device, run.dtype)
+            self.reference.eval().requires_grad_(False)
+        self.records = load_records(config.train_data, on_error=config.on_bad_record).items
+        self.llm = LLM(self.rollout_model, run.tokenizer, deterministic=config.rollout.deterministic,
+                       max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
+                       max_model_len=min(run.model.config.max_position_embeddings, 8192))
+        self.stream = PromptStream(len(self.records), config.run.seed)
+        return config.steps, config.steps * config.updates_per_batch
+
+    def start(self, state: dict | None) -> None:
+        if state is not None:
+            self.stream.cursor, self.l_ref = int(state["cursor"]), state["l_ref"]
+        if self.l_ref is None and self.config.reward.w_length:
+            self.l_ref = measure_l_ref(self.config, self.llm, self.run.tokenizer, self.records)
+            self.run.log(f"grpo: L_ref = {self.l_ref:.1f} tokens (the starting model's mean "
+                         f"response length)")
+        self.reward_fn = _reward_fn(self.config, self.l_ref or 1.0)
+
+    def checkpoint_state(self) -> dict:
+        return {"cursor": self.stream.cursor, "l_ref": self.l_ref}
+
+    def postfix(self, stats: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{stats['reward/total']:.3f}",
+                "length": f"{stats['response_tokens']:.0f}"}
+
+    def step(self, step: int) -> dict[str, float]:
+        """One rollout batch and its updates; the stats are averaged over ranks."""
+        began = time.perf_counter()
+        groups, scores, stats = self.collect()
+        self.update_stats = []
+        if not groups:  # every group was uninformative: nothing to learn from this step
+            stats |= {"reward/total": 0.0, "response_tokens": 0.0, "skipped": 1.0}
+        else:
+            flat = [r for g in groups for r in g]
+            breakdown = [b for s in scores for b in s]
+            advantages = self.advantages(torch.tensor([b.total for b in breakdown]))
+            stats |= reward_stats(breakdown,
+                                  length_needs_correct=self.config.reward.length_needs_correct)
+            stats["response_tokens"] = statistics.fmean(len(r.completion_ids) for r in flat)
+            train_began = time.perf_counter()
+            stats |= self.update(flat, advantages)
+            stats["train_s"] = time.perf_counter() - train_began
+            tokens = float(sum(len(r.completion_ids) for r in flat))
+            stats["tokens_per_s"] = tokens / (time.perf_counter() - began)
+        dist = self.run.dist
         if dist.world_size > 1:  # the engine's copy follows the updated policy
             with torch.no_grad():
-                rollout_model.load_state_dict(full_state_dict(model, dist, all_ranks=True))
+                self.rollout_model.load_state_dict(
+                    full_state_dict(self.run.model, dist, all_ranks=True))
             keys = sorted(stats)
             stats = dict(zip(keys, (v / dist.world_size
                                     for v in all_reduce_sum([stats[k] for k in keys], dist))))
-        if logger is not None and ((step + 1) % config.run.log_every == 0
-                                   or step + 1 == config.steps):
-            logger.log(step + 1, stats)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{stats['reward/total']:.3f}",
-                                 length=f"{stats['response_tokens']:.0f}")
-        if config.run.save_every and (step + 1) % config.run.save_every == 0 \
-                and step + 1 < config.steps:
-            checkpoint_collectively(out, step + 1, model, tokenizer, optimizer,
-                                    {"cursor": stream.cursor, "l_ref": l_ref}, config_json, dist)
-    if progress is not None:
-        progress.close()
-    final = save_final_model(out / "final", model, tokenizer, dist)
-    end_distributed(dist)  # the last collective is done
-    if logger is None:
-        return final
-    logger.close()
-    if config.run.plots:
-        plot_metrics(logger.path, out / "plots", PLOTS)
-    return final
-
-
-def _step(config: GRPOConfig, model, reference, llm, tokenizer, records, stream, reward_fn,
-          optimizer, device, dist) -> dict[str, float]:
-    """One rollout batch and its updates. Under data parallelism every rank draws the same
-    prompt picks (the cursor advances alike) and keeps every world_size-th; ranks then
-    agree on the smallest group count so their FSDP collectives match."""
-    began = time.perf_counter()
-    G = config.rollout.group_size
-    world, rank = dist.world_size, dist.rank
-    groups, scores, dropped, rounds = [], [], 0, 0
-    want = config.prompts_per_step // world
-    while rounds <= config.max_refill_rounds:
-        (missing,) = all_reduce_max([want - len(groups)], dist)
-        if missing <= 0:
-            break
-        picks = stream.take(int(missing) * world)[rank::world]
-        for group in _rollouts(config, llm, tokenizer, records, picks):
-            breakdown = reward_fn.score_many([r.record for r in group], [r.text for r in group],
-                                             [len(r.completion_ids) for r in group])
-            totals = [b.total for b in breakdown]
-            if config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
-                dropped += 1
-                continue
-            if len(groups) < want:
-                groups.append(group)
-                scores.append(breakdown)
-        rounds += 1
-    (keep,) = all_reduce_min([len(groups)], dist)
-    groups, scores = groups[:int(keep)], scores[:int(keep)]
-    rollout_s = time.perf_counter() - began
-    stats: dict[str, float] = {"groups_dropped": dropped, "refill_rounds": rounds - 1,
-                               "rollout_s": rollout_s}
-    if not groups:  # every group was uninformative: nothing to learn from this step
-        stats |= {"reward/total": 0.0, "response_tokens": 0.0, "skipped": 1.0}
         return stats
-    flat = [r for g in groups for r in g]
-    breakdown = [b for s in scores for b in s]
-    rewards = torch.tensor([b.total for b in breakdown])
-    advantages = ops.group_advantages(rewards, G, scale=config.loss.advantage_scale).to(device)
-    for key in ("total", "correctness", "helpfulness", "length"):
-        stats[f"reward/{key}"] = statistics.fmean(getattr(b, key) for b in breakdown)
-    stats["response_tokens"] = statistics.fmean(len(r.completion_ids) for r in flat)
 
-    train_began = time.perf_counter()
-    batch = build_batch(flat, device)
-    temperature = config.rollout.temperature
-    external = config.rollout.source == "openai"
-    old = None
-    if config.updates_per_batch > 1 or external:
-        if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
-            old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
-        else:
-            old = completion_logprobs(model, batch, temperature)
-    is_weights = None
-    if external and batch.sampler_logprobs is not None:
-        is_weights = torch.exp(old - batch.sampler_logprobs).clamp(max=config.rollout.is_cap) \
-            * batch.mask
-    ref = completion_logprobs(reference, batch, temperature) if reference is not None else None
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(stream.cursor))
-    update_stats: list[dict[str, float]] = []
-    for chosen in torch.tensor_split(order, min(config.updates_per_batch, len(groups))):
-        rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1).to(device)
-        pick = (lambda t: None if t is None else t[rows])
-        items = None
-        if world > 1:  # FSDP averages over ranks: normalise by the global count / world
-            (tokens,) = all_reduce_sum([float(batch.mask[rows].sum())], dist)
-            items = tokens / world
-        result = policy_loss_backward(
-            model, batch.rows(rows), advantages[rows], old_logprobs=pick(old),
-            ref_logprobs=pick(ref), rollout_is_weights=pick(is_weights), loss=config.loss,
-            temperature=temperature, max_completion_length=config.rollout.max_tokens,
-            num_items_in_batch=items, aux_loss=config.aux_loss)
-        update_stats.append(result | optimizer.step())
-    for key in update_stats[0]:
-        stats[key] = statistics.fmean(s[key] for s in update_stats)
-    tokens = float(batch.mask.sum())
-    stats["train_s"] = time.perf_counter() - train_began
-    stats["tokens_per_s"] = tokens / (time.perf_counter() - began)
-    return stats
+    # ------------------------------------------------------------------ the step's parts
+    def rollouts(self, picks: list[tuple[int, int]]):
+        """One group per (record index, cursor) pick; seeds are functions of the cursor."""
+        config, tokenizer = self.config, self.run.tokenizer
+        chosen = [self.records[i] for i, _ in picks]
+        prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in chosen]
+        seeds = [config.run.seed * 1000003 + cursor for _, cursor in picks]
+        if config.rollout.source == "engine":
+            return engine_rollouts(self.llm, chosen, prompts, config.rollout, seeds)
+        return openai_rollouts(tokenizer, chosen, prompts, config.rollout, seeds)
+
+    def collect(self):
+        """(groups, their reward breakdowns, stats). Under data parallelism every rank draws
+        the same prompt picks (the cursor advances alike) and keeps every world_size-th;
+        ranks then agree on the smallest group count so their FSDP collectives match."""
+        began = time.perf_counter()
+        config, dist = self.config, self.run.dist
+        world, rank = dist.world_size, dist.rank
+        groups, scores, dropped, rounds = [], [], 0, 0
+        want = config.prompts_per_step // world
+        while rounds <= config.max_refill_rounds:
+            (missing,) = all_reduce_max([want - len(groups)], dist)
+            if missing <= 0:
+                break
+            picks = self.stream.take(int(missing) * world)[rank::world]
+            for group in self.rollouts(picks):
+                breakdown = self.reward_fn.score_many(
+                    [r.record for r in group], [r.text for r in group],
+                    [len(r.completion_ids) for r in group])
+                totals = [b.total for b in breakdown]
+                if config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
+                    dropped += 1
+                    continue
+                if len(groups) < want:
+                    groups.append(group)
+                    scores.append(breakdown)
+            rounds += 1
+        (keep,) = all_reduce_min([len(groups)], dist)
+        stats = {"groups_dropped": dropped, "refill_rounds": rounds - 1,
+                 "rollout_s": time.perf_counter() - began}
+        return groups[:int(keep)], scores[:int(keep)], stats
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """rewards (n,) of this rank's groups -> advantages (n,) on the device, computed on
+        the global batch (every rank's rewards gathered, in rank order; all ranks hold the
+        same n) and sliced back to this rank's rows."""
+        dist, config = self.run.dist, self.config
+        local = rewards.to(self.run.device, torch.float32)  # (n,)
+        every = all_gather_rows(local, dist)  # (world·n,)
+        advantages = ops.group_advantages(every, config.rollout.group_size,
+                                          scale=config.loss.advantage_scale)
+        n = local.shape[0]
+        return advantages[dist.rank * n:(dist.rank + 1) * n]
+
+    def update(self, rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """``updates_per_batch`` optimizer steps over minibatches of whole groups (a seeded
+        order). Old log-probs: none (on-policy) for one update of engine rollouts; else
+        computed once, before the first update. External rollouts' sampler log-probs give
+        the truncated importance weights min(e^(old − sampler), is_cap) on every update."""
+        config, run = self.config, self.run
+        model, dist, G = run.model, run.dist, config.rollout.group_size
+        batch = build_batch(rollouts, run.device)
+        temperature = config.rollout.temperature
+        external = config.rollout.source == "openai"
+        old = None
+        if config.updates_per_batch > 1 or external:
+            if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
+                old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
+            else:
+                old = completion_logprobs(model, batch, temperature)
+        is_weights = None
+        if external and batch.sampler_logprobs is not None:
+            is_weights = torch.exp(old - batch.sampler_logprobs).clamp(
+                max=config.rollout.is_cap) * batch.mask
+        ref = completion_logprobs(self.reference, batch, temperature) \
+            if self.reference is not None else None
+        num_groups = len(rollouts) // G
+        order = torch.randperm(num_groups,
+                               generator=torch.Generator().manual_seed(self.stream.cursor))
+        self.update_stats = []
+        for chosen in torch.tensor_split(order, min(config.updates_per_batch, num_groups)):
+            rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1).to(run.device)
+            pick = (lambda t: None if t is None else t[rows])
+            items = None
+            if dist.world_size > 1:  # FSDP averages over ranks: normalise by the global count / world
+                (tokens,) = all_reduce_sum([float(batch.mask[rows].sum())], dist)
+                items = tokens / dist.world_size
+            result = policy_loss_backward(
+                model, batch.rows(rows), advantages[rows], old_logprobs=pick(old),
+                ref_logprobs=pick(ref), rollout_is_weights=pick(is_weights), loss=config.loss,
+                temperature=temperature, max_completion_length=config.rollout.max_tokens,
+                num_items_in_batch=items, aux_loss=config.aux_loss)
+            self.update_stats.append(result | run.optimizer.step())
+        return {key: statistics.fmean(s[key] for s in self.update_stats)
+                for key in self.update_stats[0]}

@@ -26,11 +26,13 @@ class GRPOBatch:
     targets: torch.Tensor  # (N, Tc) long: completion tokens (0 past the end)
     mask: torch.Tensor  # (N, Tc) float: 1 on completion tokens
     sampler_logprobs: torch.Tensor | None  # (N, Tc) float32 from the sampler, when all had them
+    loss_positions: torch.Tensor  # (N, T) float: 1 at the positions predicting a completion token
 
     def rows(self, index: torch.Tensor) -> "GRPOBatch":
         pick = (lambda t: None if t is None else t[index])
         return GRPOBatch(self.input_ids[index], self.window[index], self.targets[index],
-                         self.mask[index], pick(self.sampler_logprobs))
+                         self.mask[index], pick(self.sampler_logprobs),
+                         self.loss_positions[index])
 
 
 def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
@@ -42,6 +44,7 @@ def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
     window = torch.zeros(n, comp, dtype=torch.long)
     targets = torch.zeros(n, comp, dtype=torch.long)
     mask = torch.zeros(n, comp)
+    positions = torch.zeros(n, steps)
     have_logprobs = all(r.logprobs is not None for r in rollouts)
     sampler = torch.zeros(n, comp) if have_logprobs else None
     for b, r in enumerate(rollouts):
@@ -50,11 +53,12 @@ def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
         window[b] = torch.clamp(torch.arange(comp) + p - 1, max=steps - 1)
         targets[b, :c] = torch.tensor(r.completion_ids, dtype=torch.long)
         mask[b, :c] = 1.0
+        positions[b, p - 1:p - 1 + c] = 1.0
         if sampler is not None:
             sampler[b, :c] = torch.tensor(r.logprobs[:c])
     to = (lambda t: None if t is None else t.to(device))
     return GRPOBatch(ids.to(device), window.to(device), targets.to(device), mask.to(device),
-                     to(sampler))
+                     to(sampler), positions.to(device))
 
 
 def _window(hidden: torch.Tensor, batch: GRPOBatch) -> torch.Tensor:
@@ -86,7 +90,8 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                          temperature: float, max_completion_length: int,
                          num_items_in_batch: float | None = None,
                          aux_loss: bool = True) -> dict[str, float]:
-    """Backward of the GRPO-family loss (+ MoE balance loss) on one minibatch."""
+    """Backward of the GRPO-family loss (+ MoE balance loss over the completion tokens'
+    positions, ``loss_positions``: no prompt, no padding) on one minibatch."""
     def head(hidden, weight):
         return ops.fused_linear_grpo_loss(
             _window(hidden, batch), weight, batch.targets, batch.mask, advantages,
@@ -97,7 +102,7 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
             max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
             rollout_is_weights=rollout_is_weights, num_items_in_batch=num_items_in_batch)
 
-    out = model.forward_hidden(batch.input_ids, head=head)
+    out = model.forward_hidden(batch.input_ids, head=head, token_mask=batch.loss_positions)
     value, stats = out.head_output
     total = value
     if aux_loss and out.weighted_aux_loss is not None:
