@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    from livethinking.data import load_records, make_demo
+    from livethinking.data import load_records
+    from livethinking.tasks.livestream import make_demo
     from livethinking.train.demo import DemoSize, build_student, build_tokenizer
 
     results, per_step = [], {}

@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _data_make_demo(args: argparse.Namespace) -> int:
-    from livethinking.data import make_demo
+    from livethinking.tasks.livestream import make_demo
 
     try:
         paths = make_demo(args.out, num_products=args.products,

@@ -98,7 +98,7 @@ def tiny_checkpoint(tmp_path_factory):
 def demo_setup(tmp_path_factory):
     """The synthetic livestream set (6 products), its tokenizer and a tiny random student
     checkpoint: (DemoPaths, tokenizer, student directory)."""
-    from livethinking.data import make_demo
+    from livethinking.tasks.livestream import make_demo
     from livethinking.train.demo import DemoSize, build_student, build_tokenizer
 
     root = tmp_path_factory.mktemp("demo_setup")

@@ -12,13 +12,14 @@ import torch
 from livethinking.model import CausalLM
 
 
-def _rft(tmp_path, demo_setup, name, nproc, extra="", resume=False):
+def _rft(tmp_path, demo_setup, name, nproc, extra="", resume=False,
+         steps="max_steps: 4\nrows_per_step: 4\n", top=""):
     paths, _, student = demo_setup
     out = tmp_path / name
     config = tmp_path / f"{name}.yaml"
     config.write_text(
         f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
-        "teacher: {kind: demo, k: 2}\nmax_steps: 4\nrow_tokens: 256\nrows_per_step: 4\n"
+        f"teacher: {{kind: demo, k: 2}}\n{steps}row_tokens: 256\n{top}"
         "optim: {lr: 0.003, warmup_steps: 1}\n"
         f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false"
         f"{extra}}}\n")
@@ -34,6 +35,37 @@ def _rft(tmp_path, demo_setup, name, nproc, extra="", resume=False):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, out / "final"
+
+
+def test_rft_uneven_rows_per_rank_finishes_and_follows_one_process(tmp_path, demo_setup):
+    """3 rows per step over 2 ranks (one rank runs a zero-weight filler row) and a last,
+    partial batch: the 2-process run finishes (the subprocess timeout guards a hang),
+    follows the 1-process run, and rank 0 alone evaluates held-out prompts mid-run."""
+    paths = demo_setup[0]
+    steps = "epochs: 1\nrows_per_step: 3\n"
+    top = f"eval_data: {paths.heldout}\n"
+    extra = ", eval_every: 2, eval_max_tokens: 8"
+    one, one_final = _rft(tmp_path, demo_setup, "one", 1, extra=extra, steps=steps, top=top)
+    two, two_final = _rft(tmp_path, demo_setup, "two", 2, extra=extra, steps=steps, top=top)
+    train_one = [r for r in one if "loss" in r]
+    train_two = [r for r in two if "loss" in r]
+    sizes = [r["rows"] for r in train_one]
+    assert 3 in sizes and sizes[-1] < 3, sizes  # odd steps and a last partial batch
+    assert [r["step"] for r in train_one] == [r["step"] for r in train_two]
+    for a, b in zip(train_one, train_two):
+        assert b["tokens"] == a["tokens"] and b["rows"] == a["rows"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    last = train_one[-1]["step"]
+    expected = sorted({0, last} | set(range(2, last, 2)))
+    for rows in (one, two):
+        evals = [r for r in rows if "eval/correct" in r]
+        assert [r["step"] for r in evals] == expected
+        assert all(r["eval/tokens_per_response"] > 0 and r["eval/ttft_ms"] > 0 for r in evals)
+    a = CausalLM.from_pretrained(one_final).state_dict()
+    b = CausalLM.from_pretrained(two_final).state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
 def test_two_processes_follow_one_process(tmp_path, demo_setup):
@@ -52,7 +84,7 @@ def test_two_processes_follow_one_process(tmp_path, demo_setup):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
-def _grpo(tmp_path, demo_setup, name, nproc):
+def _grpo(tmp_path, demo_setup, name, nproc, loss="{}"):
     paths, _, student = demo_setup
     out = tmp_path / name
     config = tmp_path / f"{name}.yaml"
@@ -60,7 +92,7 @@ def _grpo(tmp_path, demo_setup, name, nproc):
     config.write_text(
         f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
         "steps: 3\nprompts_per_step: 4\ndynamic_sampling: false\naux_loss: false\n"
-        "rollout: {group_size: 4, max_tokens: 16}\noptim: {lr: 0.001}\n"
+        f"rollout: {{group_size: 4, max_tokens: 16}}\noptim: {{lr: 0.001}}\nloss: {loss}\n"
         f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
     command = ["-m", "livethinking.train", "grpo", "--config", str(config)]
     if nproc > 1:
@@ -72,9 +104,13 @@ def _grpo(tmp_path, demo_setup, name, nproc):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
 
 
-def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup):
-    one, one_final = _grpo(tmp_path, demo_setup, "one", 1)
-    two, two_final = _grpo(tmp_path, demo_setup, "two", 2)
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale):
+    """``batch``: the advantages' std is over the global batch (rewards gathered from every
+    rank first, as TRL), so the loss and gradients equal the 1-process run's."""
+    loss = f"{{advantage_scale: {scale}}}"
+    one, one_final = _grpo(tmp_path, demo_setup, "one", 1, loss)
+    two, two_final = _grpo(tmp_path, demo_setup, "two", 2, loss)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["response_tokens"] == pytest.approx(a["response_tokens"])  # the same rollouts

@@ -124,3 +124,12 @@ def test_the_trainer_entry_is_the_commands_rft_and_grpo(tmp_path, capsys):
                                                                         ["optim.lr=1"])
     assert main(["rft", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_every_package_is_installed():
+    import tomllib
+
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    packages = {module for module, path in _modules() if path.name == "__init__.py"}
+    assert packages <= listed, f"missing from pyproject.toml's packages: {packages - listed}"

@@ -9,12 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from livethinking.data import DemoTeacher, LivestreamRecord, Turn, asked_attribute
-from livethinking.data.demo import QUESTION_TEMPLATES
+from livethinking.data import LivestreamRecord, Turn
 from livethinking.rewards import (Judge, LengthBand, LivestreamReward, LLMJudge,
                                   RewardWeights, RuleCorrectnessJudge, RuleHelpfulnessJudge,
                                   Verdict, Vocabulary, is_accepted, mean_length, parse_verdict,
                                   token_f1)
+from livethinking.tasks.livestream import DemoTeacher
+from livethinking.tasks.livestream.demo_data import QUESTION_TEMPLATES
 
 DOC = ("# Product: Nimbus Kettle\ncategory: kettle\ncolor: red\nmaterial: stainless steel\n"
        "capacity: 1.5 liters\nsize: large\nprice: 39 dollars")
@@ -170,16 +171,6 @@ def test_other_catalogue():
                        ).score == 0.0  # the demo's markers are not this catalogue's
     with pytest.raises(ValueError, match="refusal_markers"):
         RuleCorrectnessJudge(refusal_markers=())
-
-
-def test_keyword_matching_agrees_with_the_demo():
-    vocab = Vocabulary()
-    questions = [t.format(name="Nimbus Kettle") for ts in QUESTION_TEMPLATES.values()
-                 for t in ts] + ["How much does it weigh?", "How much is it?", "Hello!"]
-    for q in questions:
-        assert vocab.asked_attribute(q) == asked_attribute(q), q
-    assert vocab.asked_attribute("How much does it weigh?") == "weight"
-    assert vocab.asked_attribute("How much is it?") == "price"
 
 
 def test_rule_judges_separate_the_demo_teachers_answers():

@@ -42,6 +42,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
     (["run.dtype=float64"], r"run\.dtype"),
     (["optim.betas=[0.9]"], r"betas must be two numbers"),
     (["nonsense"], r"must look like key=value"),
+    (["run.eval_every=2"], r"eval_every \(2\) needs eval_data"),
+    (["run.eval_max_tokens=0"], r"eval_max_tokens >= 1"),
 ])
 def test_bad_config_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -124,7 +126,7 @@ def _losses(path):
 
 
 def test_sft_steps_lower_the_loss_on_a_fixed_batch(demo_setup):
-    from livethinking.data import DemoTeacher
+    from livethinking.tasks.livestream import DemoTeacher
     from livethinking.train.common import prompt_ids, response_ids
     from livethinking.train.sft import sft_step
 
@@ -167,6 +169,58 @@ def test_rft_resume_is_bit_identical(tmp_path, demo_setup):
     a = CausalLM.from_pretrained(tmp_path / "whole" / "final").state_dict()
     b = CausalLM.from_pretrained(tmp_path / "part" / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_is_set_from_the_config(tmp_path, demo_setup, monkeypatch):
+    """``run.gradient_checkpointing`` reaches the model: every decoder layer is recomputed
+    in backward (torch.utils.checkpoint), and the losses are those of a plain run."""
+    from livethinking.model import model as model_module
+
+    checkpointed = []
+    original = model_module.checkpoint
+
+    def spy(function, *args, **kwargs):
+        checkpointed.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "checkpoint", spy)
+    plain = _rft_config(tmp_path / "plain", demo_setup, max_steps=2)
+    run_rft(plain, log=lambda *_: None)
+    assert not checkpointed
+    config = load_config(RFTConfig, None, [f"model={plain.model}",
+                                           f"train_data={plain.train_data}",
+                                           "teacher.kind=demo", "run.gradient_checkpointing=true"])
+    assert config.run.gradient_checkpointing
+    recomputed = _rft_config(tmp_path / "ckpt", demo_setup, max_steps=2,
+                             run=_run(tmp_path / "ckpt", gradient_checkpointing=True))
+    run_rft(recomputed, log=lambda *_: None)
+    assert checkpointed and all(isinstance(f, torch.nn.Module) for f in checkpointed)
+    assert _losses(tmp_path / "ckpt") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rft_evaluates_held_out_prompts_without_changing_training(tmp_path, demo_setup):
+    """eval_data + run.eval_every: eval/… rows at step 0, every eval_every steps and at the
+    end (plotted); the training rows equal a run without evaluation's, bit for bit."""
+    paths = demo_setup[0]
+    plain = _rft_config(tmp_path / "plain", demo_setup, max_steps=5)
+    run_rft(plain, log=lambda *_: None)
+    evaluated = _rft_config(tmp_path / "eval", demo_setup, max_steps=5,
+                            eval_data=str(paths.heldout),
+                            run=_run(tmp_path / "eval", eval_every=2, eval_max_tokens=8))
+    run_rft(evaluated, log=lambda *_: None)
+    rows = _rows(tmp_path / "eval")
+    evals = [r for r in rows if "eval/correct" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]
+    for r in evals:
+        assert 0 <= r["eval/correct"] <= 1 and 0 <= r["eval/helpful"] <= 1
+        assert 0 < r["eval/tokens_per_response"] <= 8 and r["eval/ttft_ms"] > 0
+    strip = (lambda r: {k: v for k, v in r.items() if not k.endswith("_s")})
+    assert [strip(r) for r in rows if "loss" in r] == [strip(r) for r in _rows(tmp_path / "plain")]
+    assert (tmp_path / "eval" / "plots" / "held-out_correct_and_helpful.png").is_file()
 
 
 # ------------------------------------------------------------------ GRPO
@@ -223,6 +277,19 @@ def test_grpo_runs_and_resumes_bit_identically(tmp_path, demo_setup, rft_model):
     again = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     strip = (lambda r: {k: v for k, v in r.items() if not k.endswith("_s")})
     assert [strip(r) for r in again] == [strip(r) for r in rows]
+
+
+def test_grpo_evaluates_held_out_prompts_and_resume_does_not_repeat_it(tmp_path, demo_setup,
+                                                                        rft_model):
+    paths = demo_setup[0]
+    run = (lambda **kw: _run(tmp_path, eval_every=2, eval_max_tokens=8, **kw))
+    config = _grpo_config(tmp_path, rft_model, demo_setup, steps=3, eval_data=str(paths.heldout),
+                          run=run(save_every=2))
+    run_grpo(config, log=lambda *_: None)
+    run_grpo(config, resume=True, log=lambda *_: None)  # from step 2
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows if "eval/correct" in r] == [0, 2, 3]
+    assert [r["step"] for r in rows if "reward/total" in r] == [1, 2, 3]
 
 
 def test_prompt_stream_is_a_seeded_permutation_per_epoch_and_resumes():

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from livethinking.data import split_response
-from livethinking.data.records import LivestreamRecord
+from livethinking.data import LivestreamRecord
 from livethinking.rewards.base import Judge, Verdict, check_batch
+from livethinking.tasks.livestream import split_response
 
 __all__ = ["DEFAULT_RUBRICS", "JUDGE_KINDS", "LLMJudge", "parse_verdict"]
 

@@ -1,7 +1,7 @@
 """Rule judges: exact checks of a response's answer part against its product document.
 
 The answer A is the text after ``</think>`` (`split_response`); the asked attribute a
-comes from the question's keywords. A value v "is stated" when it occurs in A as whole
+comes from the question's keywords (`AttributeKeywords`: the livestream domain's rule). A value v "is stated" when it occurs in A as whole
 words (case-insensitive, longest values first). A stated v is consistent when v equals
 the document's value of some attribute whose vocabulary holds v; otherwise it
 contradicts the document (the doc has that attribute) or is made up (it has not).
@@ -23,15 +23,15 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from livethinking.data import (ATTRIBUTES, QUESTION_KEYWORDS, REFUSAL_MARKERS,
-                               parse_product_doc, split_response)
-from livethinking.data.records import LivestreamRecord
+from livethinking.data import LivestreamRecord
 from livethinking.rewards.base import Judge, Verdict
+from livethinking.tasks.livestream import (ATTRIBUTES, REFUSAL_MARKERS, WEAK_KEYWORDS,
+                                           AttributeKeywords, parse_product_doc,
+                                           split_response)
 
-__all__ = ["MARKUP", "WEAK_KEYWORDS", "AnswerFacts", "RuleCorrectnessJudge",
-           "RuleHelpfulnessJudge", "Vocabulary", "token_f1"]
+__all__ = ["MARKUP", "AnswerFacts", "RuleCorrectnessJudge", "RuleHelpfulnessJudge",
+           "Vocabulary", "token_f1"]
 
-WEAK_KEYWORDS = ("how much",)  # a question keyword that counts only when no other matches
 MARKUP = ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -68,14 +68,13 @@ class Vocabulary:
     """A catalogue's attribute values, question keywords and refusal markers, compiled
     for matching. Defaults: the demo catalogue's."""
 
-    __slots__ = ("attributes", "owners", "_values", "_keywords", "_weak", "_refusal")
+    __slots__ = ("attributes", "owners", "_values", "_keywords", "_refusal")
 
     def __init__(self, attributes: Mapping[str, Sequence[str]] | None = None,
                  question_keywords: Mapping[str, Sequence[str]] | None = None,
                  refusal_markers: Sequence[str] | None = None,
                  weak_keywords: Sequence[str] = WEAK_KEYWORDS):
         attributes = ATTRIBUTES if attributes is None else attributes
-        question_keywords = QUESTION_KEYWORDS if question_keywords is None else question_keywords
         refusal_markers = REFUSAL_MARKERS if refusal_markers is None else refusal_markers
         if isinstance(refusal_markers, str):
             raise TypeError("refusal_markers must be a sequence of phrases, not one string")
@@ -88,23 +87,13 @@ class Vocabulary:
                 owners.setdefault(v, set()).add(attr)
         self.owners = {v: frozenset(a) for v, a in owners.items()}
         self._values = _phrase_pattern(self.owners)
-        self._keywords = [(attr, [(kw.lower(), re.compile(r"\b" + re.escape(kw.lower())))
-                                  for kw in kws]) for attr, kws in question_keywords.items()]
-        self._weak = frozenset(k.lower() for k in weak_keywords)
+        self._keywords = AttributeKeywords(question_keywords, weak_keywords)
         self._refusal = tuple(_norm(m) for m in refusal_markers)
 
     def asked_attribute(self, question: str) -> str | None:
-        """The attribute whose keyword (matched at a word start) occurs earliest in the
-        question, the longest keyword on a tie; weak keywords count only when no other
-        matches (the demo's `asked_attribute` rule). None when no keyword occurs."""
-        q = question.lower()
-        strong, weak = [], []
-        for attr, keywords in self._keywords:
-            for kw, pattern in keywords:
-                if (m := pattern.search(q)) is not None:
-                    (weak if kw in self._weak else strong).append((m.start(), -len(kw), attr))
-        matches = strong or weak
-        return min(matches)[2] if matches else None
+        """The attribute the question asks about (:class:`AttributeKeywords`' rule over
+        this vocabulary's keywords); None when no keyword occurs."""
+        return self._keywords.asked_attribute(question)
 
     def stated_values(self, text: str) -> list[str]:
         """Known attribute values occurring in ``text`` as whole words, longest first."""

@@ -94,7 +94,8 @@ def build_student(tokenizer, size: DemoSize, out_dir: Path, seed: int):
 def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
              threads: int | None = None, log=print) -> dict:
     """Run the whole demo; returns the table rows (also written to ``out/results.json``)."""
-    from livethinking.data import load_records, make_demo
+    from livethinking.data import load_records
+    from livethinking.tasks.livestream import make_demo
     from livethinking.model import CausalLM
     from livethinking.train.common import evaluate, make_judges
     from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, OptimConfig,

@@ -23,7 +23,7 @@ def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *,
             by_id[sample.id].append(sample.response)
         return {r.id: by_id.get(r.id, [])[:config.k] for r in records}
     if config.kind == "demo":
-        from livethinking.data import DemoTeacher
+        from livethinking.tasks.livestream import DemoTeacher
 
         teacher = DemoTeacher(seed=seed, error_rate=config.error_rate,
                               min_filler=config.min_filler, max_filler=config.max_filler)

@@ -1,8 +1,7 @@
-"""The synthetic livestream set: a product catalogue, viewer questions, and a programmatic teacher.
+"""The synthetic livestream set: a product catalogue and viewer questions with references.
 
 Each product has a name, a category and 5-7 attributes drawn from :data:`ATTRIBUTES`; its
-document is ``"# Product: NAME"`` then one ``key: value`` line each (:func:`format_product_doc`,
-inverted by :func:`parse_product_doc`). About 20% of questions ask for an attribute the
+document is :func:`format_product_doc`'s. About 20% of questions ask for an attribute the
 document does not list; their reference is a polite refusal containing one of
 :data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. Everything is
 deterministic given the seed (``random.Random``; no torch).
@@ -12,53 +11,16 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from livethinking.data.jsonl import write_jsonl, write_text_atomic
-from livethinking.data.records import LivestreamRecord, Turn
+from livethinking.data import LivestreamRecord, Turn, write_jsonl, write_text_atomic
+from livethinking.tasks.livestream.domain import (ATTRIBUTES, REFUSAL_MARKERS, Product,
+                                                  format_product_doc)
 
-__all__ = ["ATTRIBUTES", "QUESTION_KEYWORDS", "REFUSAL_MARKERS", "Product", "DemoPaths",
-           "DemoTeacher", "asked_attribute", "format_product_doc", "make_demo",
-           "parse_product_doc", "split_response"]
-
-# Attribute -> possible values (1-3 words). One value may sit inside another ("large" in
-# "extra large"): a judge must match a value whole, preferring the longest.
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "color": ("red", "blue", "black", "white", "green", "grey", "pink"),
-    "price": ("19 dollars", "29 dollars", "39 dollars", "49 dollars", "59 dollars",
-              "79 dollars", "99 dollars"),
-    "material": ("stainless steel", "plastic", "aluminum", "cotton", "leather", "nylon",
-                 "glass", "bamboo"),
-    "weight": ("300 grams", "500 grams", "800 grams", "1 kilogram", "1.5 kilograms",
-               "2 kilograms"),
-    "warranty": ("6 months", "1 year", "2 years", "3 years"),
-    "battery": ("8 hours", "12 hours", "20 hours", "30 hours", "40 hours"),
-    "capacity": ("1 liter", "1.5 liters", "2 liters", "20 liters", "30 liters"),
-    "shipping": ("1 day", "2 days", "3 days", "5 days", "one week"),
-    "size": ("small", "medium", "large", "extra large"),
-    "power": ("40 watts", "350 watts", "800 watts", "1200 watts", "1500 watts"),
-}
-
-# Attribute -> words (matched at a word start) that identify it in a question. "how much"
-# is weak: it means price only when no other attribute is named ("how much does it weigh?").
-QUESTION_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "color": ("color", "colour"),
-    "price": ("price", "cost", "expensive", "cheap", "how much"),
-    "material": ("material", "made of", "made from"),
-    "weight": ("weigh", "heavy"),
-    "warranty": ("warranty", "guarantee"),
-    "battery": ("battery", "charge"),
-    "capacity": ("capacity", "hold", "liters"),
-    "shipping": ("shipping", "ship", "deliver", "arrive"),
-    "size": ("size", "how big", "dimensions"),
-    "power": ("power", "watt"),
-}
-_WEAK_KEYWORDS = frozenset({"how much"})
-
-REFUSAL_MARKERS: tuple[str, ...] = ("doesn't say", "not listed", "doesn't mention",
-                                    "don't have that information")
+__all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "OPENERS",
+           "QUESTION_TEMPLATES", "REFUSAL_TEMPLATES", "DemoPaths", "answer_sentence",
+           "make_demo", "refusal_sentence"]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {  # category -> attributes its products draw from
     "kettle": ("color", "price", "material", "capacity", "power", "warranty", "weight",
@@ -128,18 +90,6 @@ _REASONING_PHRASES = ("The viewer asks:", "Let me check the product document.",
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
-class Product:
-    id: str
-    name: str
-    category: str
-    attributes: dict[str, str]  # in ATTRIBUTES order
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "category": self.category,
-                "attributes": dict(self.attributes)}
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
 class DemoPaths:
     """Where :func:`make_demo` wrote the set, and how many records each split holds."""
 
@@ -152,68 +102,13 @@ class DemoPaths:
     num_heldout: int
 
 
-def format_product_doc(product: Product) -> str:
-    """``"# Product: NAME\\ncategory: C\\nkey: value\\n..."``."""
-    lines = [f"# Product: {product.name}", f"category: {product.category}"]
-    lines += [f"{key}: {value}" for key, value in product.attributes.items()]
-    return "\n".join(lines)
-
-
-def parse_product_doc(doc: str) -> dict[str, str]:
-    """The inverse of :func:`format_product_doc`: ``{"name", "category", attr: value...}``.
-    Lines that are not ``key: value`` are ignored; keys are lower-cased."""
-    fields: dict[str, str] = {}
-    for line in doc.splitlines():
-        line = line.strip()
-        if line.startswith("# Product:"):
-            fields["name"] = line[len("# Product:"):].strip()
-            continue
-        key, sep, value = line.partition(":")
-        if sep and key.strip() and value.strip() and not key.startswith("#"):
-            fields[key.strip().lower()] = value.strip()
-    return fields
-
-
-_KEYWORD_RES = {attr: [(kw, re.compile(r"\b" + re.escape(kw))) for kw in kws]
-                for attr, kws in QUESTION_KEYWORDS.items()}
-
-
-def asked_attribute(question: str) -> str | None:
-    """The attribute a question asks about: the earliest keyword match (longest on a tie),
-    weak keywords counting only when nothing else matches; None when no keyword occurs."""
-    text = question.lower()
-    strong, weak = [], []
-    for attr, patterns in _KEYWORD_RES.items():
-        for kw, pattern in patterns:
-            m = pattern.search(text)
-            if m:
-                (weak if kw in _WEAK_KEYWORDS else strong).append((m.start(), -len(kw), attr))
-    matches = strong or weak
-    return min(matches)[2] if matches else None
-
-
-def split_response(text: str) -> tuple[str, str]:
-    """``"<think>R</think> A"`` -> ``(R, A)``, both stripped. No think block -> ``("", text)``;
-    an unclosed ``<think>`` -> ``(R, "")``; a bare ``</think>`` (the opening tag in the
-    prompt) -> ``(before, after)``. Text before ``<think>`` joins the answer."""
-    open_at, close_at = text.find("<think>"), text.find("</think>")
-    if open_at < 0 or (0 <= close_at < open_at):
-        if close_at < 0:
-            return "", text.strip()
-        return text[:close_at].strip(), text[close_at + len("</think>"):].strip()
-    before, rest = text[:open_at], text[open_at + len("<think>"):]
-    close_at = rest.find("</think>")
-    if close_at < 0:
-        return rest.strip(), before.strip()
-    after = rest[close_at + len("</think>"):]
-    return rest[:close_at].strip(), f"{before.strip()} {after.strip()}".strip()
-
-
-def _answer(attr: str, value: str) -> str:
+def answer_sentence(attr: str, value: str) -> str:
+    """The demo's short answer stating ``attr`` is ``value``."""
     return ANSWER_TEMPLATES[attr].format(value=value)
 
 
-def _refusal(rng: random.Random, attr: str, name: str) -> str:
+def refusal_sentence(rng: random.Random, attr: str, name: str) -> str:
+    """One of the demo's polite refusals (each holds a :data:`REFUSAL_MARKERS` phrase)."""
     return rng.choice(REFUSAL_TEMPLATES).format(attr=attr, name=name)
 
 
@@ -248,16 +143,16 @@ def _records_for(rng: random.Random, product: Product, count: int) -> list[Lives
     for j in range(count):
         if missing and rng.random() < 0.2:
             attr = rng.choice(missing)
-            reference = _refusal(rng, attr, product.name)
+            reference = refusal_sentence(rng, attr, product.name)
         else:
             attr = rng.choice(listed)
-            reference = _answer(attr, product.attributes[attr])
+            reference = answer_sentence(attr, product.attributes[attr])
         history: list[Turn] = []
         if rng.random() < 0.4:
             for earlier in rng.sample([a for a in listed if a != attr], rng.randint(1, 2)):
                 history += [Turn(role="user", content=_question(rng, earlier, product.name)),
                             Turn(role="assistant",
-                                 content=_answer(earlier, product.attributes[earlier]))]
+                                 content=answer_sentence(earlier, product.attributes[earlier]))]
         records.append(LivestreamRecord(id=f"{product.id}-q{j}", product_doc=doc,
                                         question=_question(rng, attr, product.name),
                                         history=history, reference=reference))
@@ -315,67 +210,3 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
     write_jsonl(paths.heldout, heldout)
     write_text_atomic(paths.corpus, _corpus(train))
     return paths
-
-
-@dataclass(kw_only=True, slots=True)
-class DemoTeacher:
-    """A programmatic teacher: ``respond(record, k)`` gives k ``"<think>R</think> A"``
-    responses with verbose reasoning of varying length and a short answer; each is wrong
-    with probability ``error_rate`` (another value, a made-up value for a refusal
-    question, or a refusal of an answerable one). Responses for a record depend only on
-    (seed, record.id): ``respond(r, 2)`` is a prefix of ``respond(r, 4)``."""
-
-    seed: int
-    error_rate: float = 0.25
-    min_filler: int = 1
-    max_filler: int = 6
-
-    def __post_init__(self):
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must be in [0, 1], got {self.error_rate}")
-        if not 0 <= self.min_filler <= self.max_filler:
-            raise ValueError(f"need 0 <= min_filler <= max_filler, got "
-                             f"min_filler={self.min_filler}, max_filler={self.max_filler}")
-
-    def respond(self, record: LivestreamRecord, k: int) -> list[str]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        rng = random.Random(f"{self.seed}\x00{record.id}")
-        return [self._one(rng, record) for _ in range(k)]
-
-    def _one(self, rng: random.Random, record: LivestreamRecord) -> str:
-        doc = parse_product_doc(record.product_doc)
-        name = doc.get("name", "product")
-        attr = asked_attribute(record.question)
-        true_value = doc.get(attr) if attr else None
-        wrong = rng.random() < self.error_rate
-        attr_name = attr or "detail"
-        if true_value is not None and not wrong:
-            value = true_value
-        elif true_value is not None and rng.random() < 2 / 3:  # another value
-            value = rng.choice([v for v in ATTRIBUTES[attr] if v != true_value])
-        elif true_value is None and wrong and attr is not None:  # a made-up value
-            value = rng.choice(ATTRIBUTES[attr])
-        else:  # a refusal: right when the document is silent, wrong otherwise
-            value = None
-
-        steps = [f"The viewer asks: \"{record.question}\""]
-        user_turns = [t.content for t in record.history if t.role == "user"]
-        if user_turns and rng.random() < 0.5:
-            steps.append(f"Earlier the viewer asked: \"{user_turns[-1]}\"")
-        steps.append("Let me check the product document.")
-        if value is not None:
-            steps.append(f"The document says \"{attr}: {value}\".")
-        else:
-            steps.append(f"I don't see a line about the {attr_name} in the document.")
-        others = [a for a in doc if a not in ("name", "category", attr)] or ["price"]
-        fillers = rng.sample(FILLERS, rng.randint(self.min_filler, self.max_filler))
-        steps += [f.format(name=name, category=doc.get("category", "product"),
-                           attr=attr_name, other=rng.choice(others)) for f in fillers]
-        if value is not None:
-            answer = rng.choice(OPENERS) + _answer(attr, value)
-            steps.append(f"So the answer is {value}.")
-        else:
-            answer = _refusal(rng, attr_name, name)
-            steps.append("So I should say that the document does not list it.")
-        return f"<think>{' '.join(steps)}</think> {answer}"

@@ -1,0 +1,138 @@
+"""The GRPO trainer object at the level of one update: several optimizer steps per rollout
+batch, importance weights of external rollouts, the logged reward parts, L_ref sampling."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from livethinking import ops
+from livethinking.data import LivestreamRecord
+from livethinking.model import CausalLM
+from livethinking.train import GRPOConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig
+from livethinking.train import grpo
+from livethinking.train.distributed import DistributedContext
+from livethinking.train.grpo_step import build_batch, completion_logprobs
+from livethinking.train.loop import TrainingRun
+from livethinking.train.optim import MasterWeightAdamW
+from livethinking.train.rollout import Rollout
+
+G = 4
+RECORD = LivestreamRecord(id="r", product_doc="doc", question="q")
+
+
+def _trainer(checkpoint, tmp_path, **config):
+    model = CausalLM.from_pretrained(checkpoint).train()
+    config = GRPOConfig(model=str(checkpoint), train_data="unused", prompts_per_step=2,
+                        optim=OptimConfig(lr=1e-2, grad_clip=0.0, min_lr_ratio=1.0),
+                        **config)
+    trainer = grpo.GRPOTrainer(config)
+    trainer.run = TrainingRun(tmp_path, torch.device("cpu"), torch.float32,
+                              DistributedContext(), checkpoint, None, model, None,
+                              lambda *_: None)
+    trainer.run.optimizer = MasterWeightAdamW(model.parameters(), config.optim, 10)
+    trainer.stream = grpo.PromptStream(1, seed=0)
+    return trainer
+
+
+def _rollouts(generator, vocab, groups=2):
+    out = []
+    for _ in range(groups * G):
+        prompt = torch.randint(3, vocab, (5,), generator=generator).tolist()
+        length = int(torch.randint(2, 7, (1,), generator=generator))
+        completion = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        out.append(Rollout(RECORD, prompt, completion, "", None))
+    return out
+
+
+def test_updates_per_batch_recompute_old_logprobs_once_and_move_the_ratio(
+        tiny_checkpoint, tmp_path, generator, monkeypatch):
+    trainer = _trainer(tiny_checkpoint, tmp_path, updates_per_batch=2,
+                       rollout=RolloutConfig(group_size=G), loss=LossConfig(loss_type="grpo"))
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return completion_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "completion_logprobs", counted)
+    rollouts = _rollouts(generator, trainer.run.model.config.vocab_size)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
+    trainer.update(rollouts, advantages)
+    assert len(calls) == 1  # the old log-probs: once, before the first update
+    first, second = trainer.update_stats
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-5)  # nothing has moved yet
+    assert abs(second["ratio"] - 1.0) > 1e-3  # the first optimizer step moved the policy
+    assert second["lr"] == first["lr"] and len(trainer.update_stats) == 2
+
+
+def _direct_loss(model, batch, advantages, old, weights, loss):
+    """fused_linear_grpo_loss called on the model's hidden states, outside the trainer."""
+    with torch.no_grad():
+        hidden = model.forward_hidden(batch.input_ids).hidden_states
+        window = hidden.gather(1, batch.window[..., None].expand(-1, -1, hidden.shape[-1]))
+        value, _ = ops.fused_linear_grpo_loss(
+            window, model.lm_head.weight, batch.targets, batch.mask, advantages,
+            old_logprobs=old, rollout_is_weights=weights, loss_type=loss.loss_type,
+            epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high)
+    return float(value)
+
+
+@pytest.mark.parametrize("shift", [0.3, 1.5])  # e^0.3 < is_cap = 2 < e^1.5: capped
+def test_external_rollouts_apply_truncated_importance_weights(tiny_checkpoint, tmp_path,
+                                                              generator, shift):
+    rollout = RolloutConfig(source="openai", base_urls=["http://unused"], served_model="m",
+                            group_size=G, is_cap=2.0)
+    losses = {}
+    for name, offset in (("matched", 0.0), ("shifted", shift)):
+        trainer = _trainer(tiny_checkpoint, tmp_path, rollout=rollout, aux_loss=False)
+        rollouts = _rollouts(torch.Generator().manual_seed(7), trainer.run.model.config.vocab_size,
+                             groups=1)
+        model = trainer.run.model
+        batch = build_batch(rollouts, torch.device("cpu"))
+        old = completion_logprobs(model, batch, 1.0)
+        for b, r in enumerate(rollouts):  # the sampler saw each token as less likely by `offset`
+            r.logprobs = (old[b, :len(r.completion_ids)] - offset).tolist()
+        advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+        weights = torch.exp(torch.full_like(old, offset)).clamp(max=2.0) * batch.mask
+        expected = _direct_loss(copy.deepcopy(model), batch, advantages, old, weights,
+                                trainer.config.loss)
+        trainer.update(rollouts, advantages)
+        (stats,) = trainer.update_stats
+        assert stats["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        losses[name] = stats["loss"]
+    assert losses["shifted"] == pytest.approx(losses["matched"] * min(2.0, float(torch.exp(
+        torch.tensor(shift)))), rel=1e-4)  # uniform weights scale the loss
+
+
+def test_reward_length_is_logged_as_it_enters_the_total():
+    from livethinking.rewards.combined import RewardBreakdown
+
+    breakdown = [RewardBreakdown(total=0.5, correctness=0.0, helpfulness=1.0, length=1.0),
+                 RewardBreakdown(total=2.0, correctness=1.0, helpfulness=1.0, length=0.5)]
+    gated = grpo.reward_stats(breakdown, length_needs_correct=True)
+    assert gated["reward/length"] == pytest.approx(0.25)  # (0·1 + 1·0.5) / 2
+    assert gated["reward/length_raw"] == pytest.approx(0.75)
+    plain = grpo.reward_stats(breakdown, length_needs_correct=False)
+    assert plain["reward/length"] == plain["reward/length_raw"] == pytest.approx(0.75)
+
+
+def test_measure_l_ref_samples_like_the_rollouts(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    seen = []
+
+    class FakeLLM:
+        def generate(self, prompts, params):
+            seen.append(params)
+            answer = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2, 3])])
+            return [answer] * len(prompts)
+
+    config = GRPOConfig(model="m", train_data="d", rollout=RolloutConfig(
+        top_k=5, top_p=0.9, temperature=0.7, max_tokens=33), reward=RewardConfig())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    assert grpo.measure_l_ref(config, FakeLLM(), tokenizer, [RECORD, RECORD]) == 3.0
+    (params,) = seen
+    assert (params.top_k, params.top_p, params.temperature, params.max_tokens) == (5, 0.9, 0.7,
+                                                                                   33)
