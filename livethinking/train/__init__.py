@@ -2,6 +2,8 @@
 
 ``run_rft`` / ``run_grpo`` are what ``livethinking rft`` / ``livethinking grpo`` (and
 ``python -m livethinking.train`` under torchrun) call; ``run_demo`` is ``livethinking demo``.
+Both run on one skeleton (``loop.run_training``); ``RFTTrainer`` and ``GRPOTrainer`` are
+the algorithms it runs (preparation, step, checkpoint state).
 """
 
 from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, OptimConfig,
@@ -9,9 +11,9 @@ from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, Opti
                                        TeacherConfig)
 from livethinking.train.config_io import ConfigError, load_config
 from livethinking.train.demo import DemoSize, run_demo
-from livethinking.train.grpo import run_grpo
-from livethinking.train.rft import run_rft
+from livethinking.train.grpo import GRPOTrainer, run_grpo
+from livethinking.train.rft import RFTTrainer, run_rft
 
-__all__ = ["ConfigError", "DemoSize", "GRPOConfig", "JudgeConfig", "LossConfig", "OptimConfig",
-           "RFTConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TeacherConfig",
-           "load_config", "run_demo", "run_grpo", "run_rft"]
+__all__ = ["ConfigError", "DemoSize", "GRPOConfig", "GRPOTrainer", "JudgeConfig", "LossConfig",
+           "OptimConfig", "RFTConfig", "RFTTrainer", "RewardConfig", "RolloutConfig", "RunConfig",
+           "TeacherConfig", "load_config", "run_demo", "run_grpo", "run_rft"]

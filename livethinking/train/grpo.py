@@ -147,7 +147,8 @@ class GRPOTrainer:
             self.reference, _ = load_policy(config.model, run.device, run.dtype)
             self.reference.eval().requires_grad_(False)
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
-        self.llm = LLM(self.rollout_model, run.tokenizer, deterministic=config.rollout.deterministic,
+        self.llm = LLM(self.rollout_model, run.tokenizer,
+                       deterministic=config.rollout.deterministic,
                        max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
         self.stream = PromptStream(len(self.records), config.run.seed)
@@ -282,7 +283,7 @@ class GRPOTrainer:
             rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1).to(run.device)
             pick = (lambda t: None if t is None else t[rows])
             items = None
-            if dist.world_size > 1:  # FSDP averages over ranks: normalise by the global count / world
+            if dist.world_size > 1:  # FSDP averages over ranks: the global count / world
                 (tokens,) = all_reduce_sum([float(batch.mask[rows].sum())], dist)
                 items = tokens / dist.world_size
             result = policy_loss_backward(
