@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_decode_attention", "paged_decode_attention_reference"]
+__all__ = ["check_paged_decode_inputs", "paged_decode_attention",
+           "paged_decode_attention_reference"]
 
 
 # q: (B, Hq, D); k/v pool: (blocks, BS, Hkv, D); tables: (B, max_blocks); ctx: (B,)
@@ -81,7 +82,8 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, m_ptr, l_ptr,
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=head_ok[:, None] & d_ok[None, :])
 
 
-def _check(q, k_pool, v_pool, block_tables, context_lens):
+def check_paged_decode_inputs(q, k_pool, v_pool, block_tables, context_lens) -> None:
+    """ValueError naming the argument when the shapes, devices or strides do not fit."""
     if q.dim() != 3:
         raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
     if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
@@ -112,7 +114,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     """Attention of one new query per sequence over its paged context -> (B, Hq, D) in q's
     dtype. ``scale`` defaults to D^-1/2; ``num_splits`` (ranges of the context processed
     in parallel) defaults to enough programs to fill a GPU, chosen from shapes only."""
-    _check(q, k_pool, v_pool, block_tables, context_lens)
+    check_paged_decode_inputs(q, k_pool, v_pool, block_tables, context_lens)
     batch, heads, dim = q.shape
     block_size, kv_heads = k_pool.shape[1], k_pool.shape[2]
     group = heads // kv_heads

@@ -1,4 +1,4 @@
-"""The paged KV pool the model writes through (implements ``livethinking.model.KVCache``).
+"""The paged KV pool the model writes through (a ``livethinking.model.AttendingKVCache``).
 
 Pool tensors (layers, blocks + 1, block_size, kv_heads, head_dim); the extra last block is
 a write-only trash slot for padding tokens, so writes need no boolean indexing (no host
@@ -8,12 +8,12 @@ Before each forward the runner calls :meth:`PagedKVCache.set_batch` with, per ro
 slots its new tokens go to and its block table; :meth:`update` scatters a layer's new k/v
 into the pool, gathers each row's keys in position order through its block table and
 returns them with the mask "key position <= query position and < context length".
-:meth:`attend` does the attention too (the cache is an ``AttendingKVCache``): decode (one
-token per row) is ``livethinking.ops.paged_decode_attention`` over the pool — with
-``decode_kernel`` on, the Triton kernel reads K/V straight from the pool up to each row's
-own context length (no gather; the cost under CUDA graphs follows the real context, not
-the padded block table), otherwise the op's gather and masked SDPA; a prefill chunk is
-the gather and a masked SDPA.
+:meth:`attend` does the attention too: decode (one
+token per row) with ``decode_kernel`` on is ``livethinking.ops.paged_decode_attention``'s
+Triton kernel, reading K/V straight from the pool up to each row's own context length (no
+gather; the cost under CUDA graphs follows the real context, not the padded block table);
+otherwise the gather of :meth:`update` and a masked SDPA (its mask built once per batch
+and shared by the layers: on CPU about 3x faster than the op's per-call gather path).
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ class PagedKVCache(AttendingKVCache):
             self._write(layer_idx, k, v, positions)
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                                   enable_gqa=k.shape[1] != q.shape[1])
-        if q.shape[2] == 1:  # decode: each row's one query sits at position context − 1
+        if self.decode_kernel and q.shape[2] == 1:  # each row's query is at context − 1
             batch = self._write(layer_idx, k, v, positions)
             out = paged_decode_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx],
                                          batch.block_tables, batch.context_lens,
-                                         use_kernel=self.decode_kernel)
+                                         use_kernel=True)
             return out[:, :, None]
         k_all, v_all, mask = self.update(layer_idx, k, v, positions)
         return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),

@@ -52,11 +52,10 @@ def _paged_decode_torch(q, k_pool, v_pool, block_tables, context_lens, scale):
     live_block = torch.arange(max_blocks, device=q.device)[None, :] * block_size < ctx
     tables = block_tables.long().masked_fill(~live_block, 0)  # (B, max_blocks): no stray ids
     key_ok = torch.arange(max_blocks * block_size, device=q.device)[None, :] < ctx  # (B, S)
-    keep = key_ok[:, None, :, None]  # (B, 1, S, 1)
-    k = k_pool[tables].view(batch, -1, kv_heads, dim).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[tables].view(batch, -1, kv_heads, dim).transpose(1, 2)
-    k = k.to(q.dtype).masked_fill(~keep, 0)
-    v = v.to(q.dtype).masked_fill(~keep, 0)
+    past = ~key_ok[:, :, None, None]  # (B, S, 1, 1)
+    k = k_pool[tables].view(batch, -1, kv_heads, dim).masked_fill_(past, 0)  # (B, S, Hkv, D),
+    v = v_pool[tables].view(batch, -1, kv_heads, dim).masked_fill_(past, 0)  # gathered copies
+    k, v = k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2)  # (B, Hkv, S, D)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=key_ok[:, None, None, :],
                                          scale=scale, enable_gqa=heads != kv_heads)
     return out[:, :, 0]  # (B, Hq, D)
@@ -67,26 +66,11 @@ def _check(q, k_pool, v_pool, block_tables, context_lens, scale) -> None:
                     ("block_tables", block_tables), ("context_lens", context_lens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
-    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
-        raise ValueError(f"k_pool and v_pool must both be (blocks, BS, Hkv, D), got "
-                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
-    batch, heads, dim = q.shape
-    num_blocks, block_size, kv_heads, pool_dim = k_pool.shape
-    if pool_dim != dim or kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"q (B, Hq={heads}, D={dim}) does not fit a pool with Hkv={kv_heads}, "
-                         f"D={pool_dim} (D must match and Hq be a multiple of Hkv)")
+    triton_paged.check_paged_decode_inputs(q, k_pool, v_pool, block_tables, context_lens)
+    batch, num_blocks, block_size = q.shape[0], k_pool.shape[0], k_pool.shape[1]
     if not q.is_floating_point() or k_pool.dtype != v_pool.dtype or not k_pool.is_floating_point():
         raise TypeError(f"q, k_pool and v_pool must be floating, the pools of one dtype; got "
                         f"{q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must be (B={batch}, max_blocks), got "
-                         f"{tuple(block_tables.shape)}")
-    if context_lens.shape != (batch,):
-        raise ValueError(f"context_lens must be (B={batch},), got {tuple(context_lens.shape)}")
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
