@@ -8,12 +8,12 @@ Before each forward the runner calls :meth:`PagedKVCache.set_batch` with, per ro
 slots its new tokens go to and its block table; :meth:`update` scatters a layer's new k/v
 into the pool, gathers each row's keys in position order through its block table and
 returns them with the mask "key position <= query position and < context length".
-:meth:`attend` does the attention too: decode (one
-token per row) with ``decode_kernel`` on is ``livethinking.ops.paged_decode_attention``'s
-Triton kernel, reading K/V straight from the pool up to each row's own context length (no
-gather; the cost under CUDA graphs follows the real context, not the padded block table);
-otherwise the gather of :meth:`update` and a masked SDPA (its mask built once per batch
-and shared by the layers: on CPU about 3x faster than the op's per-call gather path).
+:meth:`attend` does the attention too: decode (one token per row) with ``decode_kernel``
+on is ``livethinking.ops.paged_decode_attention``'s Triton kernel, reading K/V straight
+from the pool up to each row's own context length (no gather; the cost under CUDA graphs
+follows the real context, not the padded block table); otherwise the gather of
+:meth:`update` and a masked SDPA, its mask built once per batch and shared by the layers
+(on CPU 1.7x faster than the op's per-call gather path).
 """
 
 from __future__ import annotations
