@@ -1,4 +1,5 @@
-"""JSONL files of livestream records and teacher samples: strict loading, atomic writing.
+"""JSONL files of livestream records and teacher samples: strict loading, atomic writing
+(``write_text_atomic`` of `livethinking.data.atomic`: fsynced, renamed into place).
 
 One JSON object per line (blank lines are ignored). Every problem is reported as
 ``"{path}:{line}: {reason}"`` with a 1-based line number; ``on_error="skip"`` drops the
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from livethinking.data.atomic import write_text_atomic
 from livethinking.data.records import ROLES, LivestreamRecord, TeacherSample, Turn
 
 __all__ = ["DataError", "LoadResult", "load_records", "load_teacher_samples",
@@ -158,22 +158,6 @@ def _as_json(item: object, index: int) -> dict:
         return item
     raise TypeError(f"write_jsonl: items[{index}] must be a LivestreamRecord, TeacherSample "
                     f"or dict, got {type(item).__name__}")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then ``os.replace`` it:
-    readers see the old file or the whole new one, never half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: str | os.PathLike, items: Iterable[object]) -> None:

@@ -13,16 +13,16 @@ code on load, so they are refused.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from livethinking.data.atomic import replace_directory, temporary_directory_for
 
 __all__ = ["CheckpointError", "iter_tensors", "load_state_dict", "load_into", "save_checkpoint"]
 
@@ -302,29 +302,19 @@ def _write_weights(state_dict, directory: Path, skip: set[str], max_shard_bytes:
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config_dict: Mapping, path, *,
                     tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a checkpoint transformers can load: per-expert safetensors keys, ``config.json``
-    and the tokenizer. The directory appears whole or not at all: it is written next to
-    ``path`` under a temporary name and renamed into place (an old one is replaced)."""
+    and the tokenizer. The directory appears whole or not at all, and durably: it is written
+    next to ``path`` as ``.{name}.tmp-*``, fsynced and swapped into place by
+    `livethinking.data.atomic.replace_directory` (an old one is replaced, never missing)."""
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     skip = {"lm_head.weight"} if config_dict.get("tie_word_embeddings", False) else set()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
+    tmp = temporary_directory_for(path)
     try:
         _write_weights(state_dict, tmp, skip, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(dict(config_dict), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / path.name)
-        os.rename(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / path.name).exists() and not path.exists():
-            os.rename(old / path.name, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path

@@ -4,21 +4,29 @@ Layout under ``output_dir/checkpoints``: ``step-00000012/`` holding ``model/`` (
 config.json, tokenizer files), ``trainer_state.pt`` (optimizer with fp32 masters and the
 lr schedule, RNG states, data position, run statistics; tensors and plain data only, read
 back with ``weights_only=True``) and ``config.yaml``; ``LATEST`` names the newest. A
-checkpoint is written in a temporary directory renamed into place and ``LATEST`` is
-replaced atomically, so a crash mid-save leaves the previous one intact.
+checkpoint is written in a temporary directory, fsynced and swapped into place, then
+``LATEST`` is replaced atomically, so a crash mid-save (kill -9, power loss) leaves LATEST
+naming a whole checkpoint; `clean_interrupted_saves` clears the temporaries such a crash
+leaves, at the start of the next run.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["checkpoint_collectively", "latest_checkpoint", "load_trainer_state", "rng_state",
-           "save_final_model", "save_training_checkpoint", "set_rng_state"]
+from livethinking.data.atomic import (remove_stale_temporaries, replace_directory,
+                                      temporary_directory_for, write_text_atomic)
+
+__all__ = ["checkpoint_collectively", "clean_interrupted_saves", "latest_checkpoint",
+           "load_trainer_state", "rng_state", "save_final_model", "save_training_checkpoint",
+           "set_rng_state"]
+
+_EARLIER_TEMPORARY = re.compile(r"^\.(tmp-step-\d+-\d+|LATEST-\d+)$")  # before atomic.py
 
 
 def rng_state() -> dict:
@@ -38,33 +46,64 @@ def set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict,
                              config_yaml: str, *, keep: int = 2, model_state=None) -> Path:
-    """Write checkpoint ``step`` atomically and point LATEST at it; keep the newest ``keep``.
-    ``model_state``: the full state dict to write instead of the model's own (FSDP2)."""
+    """Write checkpoint ``step`` durably and atomically, point LATEST at it, keep the newest
+    ``keep`` (<= 0: all). ``model_state``: the full state dict to write instead of the
+    model's own (FSDP2).
+
+    The checkpoint is written in ``.step-N.tmp-*``, fsynced and swapped into place
+    (`replace_directory`: an existing ``step-N`` is replaced, never missing), then LATEST is
+    replaced atomically and fsynced. Older steps beyond ``keep`` and any step after ``step``
+    (left by an abandoned later run in the same folder) are deleted last, so LATEST always
+    names a whole checkpoint."""
     root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if model_state is None:
-        model.save_pretrained(tmp / "model", tokenizer=tokenizer)
-    else:
-        from livethinking.model.checkpoint import save_checkpoint
+    tmp = temporary_directory_for(final)
+    try:
+        if model_state is None:
+            model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+        else:
+            from livethinking.model.checkpoint import save_checkpoint
 
-        save_checkpoint(model_state, model.config.to_dict(), tmp / "model", tokenizer=tokenizer)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / f".LATEST-{os.getpid()}"
-    pointer.write_text(name)
-    os.replace(pointer, root / "LATEST")
-    old = sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+            save_checkpoint(model_state, model.config.to_dict(), tmp / "model", tokenizer=tokenizer)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        replace_directory(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(root / "LATEST", name)
+    if keep > 0:
+        others = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+        older = [p for p in others if p.name < name]
+        later = [p for p in others if p.name > name]
+        for path in older[:max(len(older) - (keep - 1), 0)] + later:
+            shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def clean_interrupted_saves(output_dir) -> list[str]:
+    """Clear what saves killed mid-way left in ``output_dir`` (the final model's
+    ``.final.tmp-*`` / ``.final.old-*``) and in ``output_dir/checkpoints`` (``.step-N.tmp-*``,
+    ``.LATEST.tmp-*``, and the ``.tmp-step-*`` / ``.LATEST-*`` names of earlier versions);
+    a directory a dying save had moved aside is put back (`remove_stale_temporaries`).
+
+    The main rank calls it at the start of a run (`start_run`), before reading LATEST and
+    before anything is saved; it tolerates a second process clearing the same folder at
+    once. Never call it while a save into ``output_dir`` is under way. Returns one line per
+    action."""
+    out = Path(output_dir)
+    root = out / "checkpoints"
+    actions = remove_stale_temporaries(out) + remove_stale_temporaries(root)
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not _EARLIER_TEMPORARY.match(entry.name):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        actions.append(f"removed {entry}")
+    return actions
 
 
 def latest_checkpoint(output_dir) -> Path | None:

@@ -42,7 +42,7 @@ def start_run(run: RunConfig, model_path, *, resume: bool) -> RunStart:
     checkpoint to resume from (the latest in the output folder when ``resume``)."""
     import random
 
-    from livethinking.train.checkpointing import latest_checkpoint
+    from livethinking.train.checkpointing import clean_interrupted_saves, latest_checkpoint
     from livethinking.train.distributed import init_distributed
 
     out = Path(run.output_dir)
@@ -50,8 +50,11 @@ def start_run(run: RunConfig, model_path, *, resume: bool) -> RunStart:
     torch.manual_seed(run.seed)
     random.seed(run.seed)
     device, dtype = resolve_device(run)
+    dist = init_distributed(device)
+    if dist.is_main:  # what killed saves left; only the main rank ever writes there
+        clean_interrupted_saves(out)
     checkpoint = latest_checkpoint(out) if resume else None
-    return RunStart(out, device, dtype, init_distributed(device), checkpoint,
+    return RunStart(out, device, dtype, dist, checkpoint,
                     checkpoint / "model" if checkpoint else Path(model_path))
 
 
