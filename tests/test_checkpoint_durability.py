@@ -158,18 +158,20 @@ def test_resaving_a_final_model_keeps_a_whole_one_at_every_step(tmp_path, monkey
     assert CausalLM.from_pretrained(final).state_dict().keys()  # put back by the handler
     assert leftovers(tmp_path) == []
 
-    seen_missing = []
+    seen_missing, swapped = [], []
     real_exchange = atomic._exchange
 
     def watched_exchange(a, b):
         seen_missing.append(not (b / "config.json").is_file())
-        swapped = real_exchange(a, b)
+        swapped.append(real_exchange(a, b))
         seen_missing.append(not (b / "config.json").is_file())
-        return swapped
+        return swapped[-1]
 
     monkeypatch.setattr(atomic, "_exchange", watched_exchange)
     tiny_model(3).save_pretrained(final)
     assert seen_missing == [False, False]
+    if sys.platform.startswith("linux"):  # renameat2(RENAME_EXCHANGE): ext4, xfs, btrfs, tmpfs
+        assert swapped == [True], "the filesystem of the test's tmp_path refused the exchange"
     for a, b in zip(CausalLM.from_pretrained(final).state_dict().values(),
                     tiny_model(3).state_dict().values()):
         assert torch.equal(a, b)
