@@ -53,6 +53,20 @@ def assert_loadable(checkpoint, seed):
         assert torch.equal(a, b), name
 
 
+@pytest.fixture
+def synced(monkeypatch):
+    """The paths os.fsync is called on, in order (Linux: read back from /proc/self/fd)."""
+    paths = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
 def leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
@@ -82,15 +96,7 @@ def test_start_run_clears_what_killed_saves_left(tmp_path, monkeypatch):
     assert_loadable(start.checkpoint, seed=1)
 
 
-def test_every_file_and_directory_is_fsynced_before_it_counts(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+def test_every_file_and_directory_is_fsynced_before_it_counts(tmp_path, synced):
     out = tmp_path / "run"
     step = save_step(out, 1, seed=1)
     tiny_model(2).save_pretrained(out / "final")
@@ -246,15 +252,7 @@ def test_keep_never_deletes_the_checkpoint_latest_names(tmp_path):
     assert_loadable(latest_checkpoint(out), seed=3)
 
 
-def test_write_text_atomic_syncs_and_leaves_no_temporary(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+def test_write_text_atomic_syncs_and_leaves_no_temporary(tmp_path, synced):
     atomic.write_text_atomic(tmp_path / "a.txt", "hello")
     assert (tmp_path / "a.txt").read_text() == "hello" and leftovers(tmp_path) == []
     assert re.fullmatch(re.escape(str(tmp_path)) + r"/\.a\.txt\.tmp-\w+", synced[0])

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # CI installs it (README)
 
 from livethinking.ops import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 
@@ -323,8 +324,6 @@ def test_matches_liger(loss_type, level, off_policy, ref, generator):
     is float32), so fp64 is no sharper reference than fp32 and only fp32 is compared.
     Error budget: 4x what plain fp32 (full logits) makes against fp64, plus a few fp32 ulps of
     the loss's magnitude — no implementation-specific slack."""
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
     inputs = make_batch(generator)
     hidden, weight, targets, mask, advantages = inputs
     bias = torch.randn(weight.shape[0], generator=generator)
