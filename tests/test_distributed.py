@@ -155,3 +155,60 @@ def test_run_ends_only_the_process_group_it_created(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_AGREEMENT_SCRIPT = """
+import sys
+import torch
+from livethinking.data import LivestreamRecord
+from livethinking.train import rft
+from livethinking.train.distributed import (all_gather_rows, broadcast_from_main,
+                                            end_distributed, init_distributed)
+from livethinking.train.loop import TrainingRun
+
+context = init_distributed(torch.device("cpu"))
+rank = context.rank
+assert broadcast_from_main({"from": rank}, context) == {"from": 0}
+gathered = all_gather_rows(torch.tensor([10.0 * rank, 10.0 * rank + 1]), context)
+assert gathered.tolist() == [0.0, 1.0, 10.0, 11.0], gathered
+records = [LivestreamRecord(id=str(i), product_doc="d", question="q") for i in range(3)]
+run = TrainingRun(None, torch.device("cpu"), torch.float32, context, None, None, None, None,
+                  print)
+calls = []
+
+def accepted(config, records, out, reuse):  # each rank's teacher would say something else
+    calls.append(rank)
+    return [(records[rank], f"answer of rank {rank}")], {"accepted": 1}
+
+rft._accepted = accepted
+kept, stats = rft._agreed_accepted(None, records, run, reuse=False)
+assert calls == ([0] if rank == 0 else []), calls  # only rank 0 samples and judges
+assert [(r.id, text) for r, text in kept] == [("0", "answer of rank 0")]
+assert stats == {"accepted": 1}
+
+def failing(config, records, out, reuse):
+    raise OSError("teacher unreachable")
+
+rft._accepted = failing
+try:
+    rft._agreed_accepted(None, records, run, reuse=False)
+except (OSError, RuntimeError) as error:  # every rank raises; none waits forever
+    assert "teacher unreachable" in str(error), error
+else:
+    sys.exit("no error")
+end_distributed(context)
+print("agreed", rank)
+"""
+
+
+def test_ranks_agree_on_rank_zeros_accepted_set(tmp_path):
+    """Under torchrun only rank 0 samples the teacher and judges; every rank trains on its
+    accepted set (broadcast), and an error there is raised on every rank, not a hang."""
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREEMENT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "agreed 0" in result.stdout and "agreed 1" in result.stdout

@@ -49,17 +49,28 @@ def init_distributed(device: torch.device) -> DistributedContext:
 
 def end_distributed(context: DistributedContext) -> None:
     """After a run's last collective, on success only (every rank calls it): wait for all
-    ranks, then destroy the process group init_distributed created. Left to interpreter
-    shutdown, gloo's worker threads can outlive the interpreter and abort the process
-    (SIGABRT, "terminate called without an active exception") after a successful run. On
-    an error it is not called: a rank waiting here for a failed peer would hang."""
+    ranks, then destroy the process group init_distributed created. On an error it is not
+    called: a rank waiting here for a failed peer would hang.
+
+    Destroying is not enough: the device mesh (held by the context and by FSDP's state in
+    the model) keeps the gloo group object alive, and destructed at interpreter shutdown
+    its worker threads abort the process now and then (SIGABRT, "terminate called without
+    an active exception") after a successful run. So the context drops its mesh, and a
+    garbage collection at exit (``atexit``: the run's locals are gone, the interpreter is
+    still whole) frees whatever else still points at the group."""
     if not context.owns_group:
         return
+    import atexit
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    context.mesh = None
+    gc.collect()
+    atexit.register(gc.collect)
 
 
 def shard_model(model, context: DistributedContext) -> None:
