@@ -39,14 +39,16 @@ def _rft(tmp_path, demo_setup, name, nproc, extra="", resume=False,
 
 def test_rft_uneven_rows_per_rank_finishes_and_follows_one_process(tmp_path, demo_setup):
     """3 rows per step over 2 ranks (one rank runs a zero-weight filler row) and a last,
-    partial batch: the 2-process run finishes (the subprocess timeout guards a hang),
-    follows the 1-process run, and rank 0 alone evaluates held-out prompts mid-run."""
+    partial batch: the 2-process run finishes (the subprocess timeout guards a hang; before
+    the filler rows it hung), follows the 1-process run (with gradient checkpointing on
+    the FSDP side), and rank 0 alone evaluates held-out prompts mid-run."""
     paths = demo_setup[0]
     steps = "epochs: 1\nrows_per_step: 3\n"
     top = f"eval_data: {paths.heldout}\n"
     extra = ", eval_every: 2, eval_max_tokens: 8"
     one, one_final = _rft(tmp_path, demo_setup, "one", 1, extra=extra, steps=steps, top=top)
-    two, two_final = _rft(tmp_path, demo_setup, "two", 2, extra=extra, steps=steps, top=top)
+    two, two_final = _rft(tmp_path, demo_setup, "two", 2, steps=steps, top=top,
+                          extra=extra + ", gradient_checkpointing: true")  # under FSDP too
     train_one = [r for r in one if "loss" in r]
     train_two = [r for r in two if "loss" in r]
     sizes = [r["rows"] for r in train_one]
