@@ -146,6 +146,30 @@ def test_sft_steps_lower_the_loss_on_a_fixed_batch(demo_setup):
     assert losses[-1] < 0.95 * losses[0]
 
 
+def test_sft_filler_rows_are_forwarded_with_no_gradient_and_no_stats(tiny_checkpoint):
+    """A rank with fewer rows runs filler rows so that its FSDP forwards and backwards match
+    the other ranks': they run, but change neither the gradient nor the statistics."""
+    from livethinking.train.sft import sft_step
+
+    examples = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14]), ([15, 16, 17, 18], [19])]
+    rows, _ = pack_examples(examples, 8)
+    assert len(rows) >= 2
+
+    def run(filler):
+        model = CausalLM.from_pretrained(tiny_checkpoint).train()
+        forwards = []
+        original = model.forward_hidden
+        model.forward_hidden = lambda *a, **k: forwards.append(1) or original(*a, **k)
+        stats = sft_step(model, rows[:1], torch.device("cpu"), filler_rows=filler)
+        return stats, [p.grad.clone() for p in model.parameters()], len(forwards)
+
+    plain, plain_grads, plain_forwards = run([])
+    padded, padded_grads, padded_forwards = run(rows[1:] * 2)
+    assert (plain_forwards, padded_forwards) == (1, 1 + 2 * len(rows[1:]))
+    assert padded == plain
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, padded_grads))
+
+
 def test_rft_end_to_end_writes_a_loadable_model(tmp_path, demo_setup):
     config = _rft_config(tmp_path, demo_setup, max_steps=4)
     final = run_rft(config, log=lambda *_: None)

@@ -70,6 +70,7 @@ def end_distributed(context: DistributedContext) -> None:
         dist.destroy_process_group()
     context.mesh = None
     gc.collect()
+    atexit.unregister(gc.collect)  # once, however many runs this process made
     atexit.register(gc.collect)
 
 
