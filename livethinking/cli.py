@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from livethinking.engine import LLM, EngineConfig
-    from livethinking.server import AsyncEngine, build_app
+    from livethinking.server import AsyncEngine, build_app, default_served_model_name
 
     overrides = {"max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,
                  "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
@@ -33,9 +33,11 @@ def _serve(args: argparse.Namespace) -> int:
                           enforce_eager=args.enforce_eager)
     llm = LLM(args.model, dtype=None if args.dtype is None else getattr(torch, args.dtype),
               device=args.device, config=config)
-    name = args.served_model_name or args.model
+    name = args.served_model_name or default_served_model_name(args.model)
+    limits = {} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}
     app = build_app(AsyncEngine(llm.engine), name,
-                    max_concurrent_requests=args.max_concurrent_requests)
+                    max_concurrent_requests=args.max_concurrent_requests,
+                    enable_docs=args.enable_docs, **limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model id clients ask for "
-                                                   "(default: the --model path)")
+                                                   "(default: the --model folder's name)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="weight dtype (default: the checkpoint's)")
     serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present")
@@ -88,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests beyond which the server answers 429")
     serve.add_argument("--max-concurrent-requests", type=int,
                        help="requests in flight beyond which the server answers 429")
+    serve.add_argument("--max-request-bytes", type=int,
+                       help="request bodies beyond this size are answered 413 (default 4 MiB: "
+                            "a full 128k-token context, JSON-escaped, fits)")
+    serve.add_argument("--enable-docs", action="store_true",
+                       help="serve /docs, /redoc and /openapi.json (off by default)")
     serve.add_argument("--block-size", type=int, help="tokens per KV-cache block")
     serve.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized "
                                                          "by the engine)")

@@ -101,16 +101,16 @@ class LLM:
 
     def chat(self, conversations, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {role, content}) or a list of
-        them, formatted by the tokenizer's chat template with the generation prompt."""
+        them, formatted by the tokenizer's chat template with the generation prompt
+        (`encode_chat`: special-token text inside a message stays text)."""
+        from livethinking.model.prompt import encode_chat
+
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = []
-        for messages in conversations:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)
-            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        prompts = [encode_chat(self.tokenizer, messages, add_generation_prompt=True)
+                   for messages in conversations]
         return self.generate(prompts, params)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:

@@ -5,7 +5,9 @@ asyncio; `build_app` makes the FastAPI app (completions, chat completions, model
 health, Prometheus metrics). Needs the ``serve`` extras: fastapi, uvicorn, prometheus_client.
 """
 
-from livethinking.server.app import APIError, build_app
-from livethinking.server.engine_thread import AsyncEngine, EngineDeadError
+from livethinking.server.app import (DEFAULT_MAX_REQUEST_BYTES, APIError, build_app,
+                                     default_served_model_name)
+from livethinking.server.engine_thread import AsyncEngine, EngineDeadError, EngineStepError
 
-__all__ = ["APIError", "AsyncEngine", "EngineDeadError", "build_app"]
+__all__ = ["APIError", "AsyncEngine", "DEFAULT_MAX_REQUEST_BYTES", "EngineDeadError",
+           "EngineStepError", "build_app", "default_served_model_name"]

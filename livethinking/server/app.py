@@ -3,34 +3,50 @@
 ``stream: true`` answers with server-sent events (``data: {json}\\n\\n`` ... ``data: [DONE]``).
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: a malformed
 or invalid request (bad JSON, failed validation, unknown model, prompt longer than the
-context) is 400; a full engine queue or ``max_concurrent_requests`` requests in flight is
-429. A client that goes away (streaming or not) cancels its request, and the engine
-frees its KV blocks.
+context) is 400; a body over ``max_request_bytes`` is 413 (checked before it is parsed);
+a full engine queue or ``max_concurrent_requests`` requests in flight is 429; a failure of
+the server itself is 500 and a stopped engine 503, both with a fixed message (the detail
+is logged, never sent). A client that goes away (streaming or not) cancels its request,
+and the engine frees its KV blocks. Prompts are tokenised and chat templates rendered in
+a worker thread, so a large prompt never blocks the event loop (``/health`` answers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livethinking.engine.outputs import RequestOutput
+from livethinking.model.prompt import encode_chat
 from livethinking.server import protocol as P
-from livethinking.server.engine_thread import AsyncEngine, EngineDeadError
+from livethinking.server.body_limit import BodySizeLimit, BodyTooLarge
+from livethinking.server.engine_thread import AsyncEngine, EngineDeadError, EngineStepError
 from livethinking.server.metrics import CONTENT_TYPE_LATEST, RequestTracker, ServerMetrics
+from livethinking.server.responses import (ENGINE_DEAD_MESSAGE, STEP_FAILED_MESSAGE,
+                                           stream_events, whole_response)
+from livethinking.server.streaming import EventStream, gather_or_cancel, merge_outputs
 
-__all__ = ["APIError", "build_app"]
+__all__ = ["APIError", "DEFAULT_MAX_REQUEST_BYTES", "build_app", "default_served_model_name"]
+
+_log = logging.getLogger(__name__)
+
+# 4 MiB: a full 128k-token context as JSON-escaped non-ASCII text (~6 bytes a character,
+# ~4 characters a token: ~3 MiB) or as token ids (~7 bytes each: ~0.9 MiB) still fits;
+# a body beyond it cannot be a prompt the engine accepts anyway.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class APIError(Exception):
@@ -48,6 +64,14 @@ class APIError(Exception):
                             status_code=self.status)
 
 
+def _engine_dead() -> APIError:
+    return APIError(503, ENGINE_DEAD_MESSAGE, "service_unavailable_error")
+
+
+def _step_failed() -> APIError:
+    return APIError(500, STEP_FAILED_MESSAGE, "server_error")
+
+
 class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
@@ -57,6 +81,7 @@ class _ServerState:
     engine: AsyncEngine
     model_name: str
     max_concurrent_requests: int | None
+    tokenizer_pool: concurrent.futures.ThreadPoolExecutor
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # touched on the event loop only
@@ -73,30 +98,17 @@ class _ServerState:
         """Give an in-flight slot back."""
         self.in_flight -= 1
 
-
-class _EventStream(StreamingResponse):
-    """SSE response that always watches for the client going away and, however the
-    stream ends, closes its body iterator (whose cleanup aborts the request)."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        finally:
-            await self.body_iterator.aclose()
+    async def off_loop(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in the tokenizer thread (one: the tokenizer is shared)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_pool, lambda: fn(*args, **kwargs))
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+def default_served_model_name(model_path: str | Path) -> str:
+    """The model id served when none is given: the checkpoint folder's name (never its
+    absolute path, which would expose the server's file system)."""
+    path = Path(model_path)
+    return path.name or path.resolve().name or "model"
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -122,6 +134,12 @@ async def _unless_disconnected(request: Request, awaitable):
     return task.result()
 
 
+def _readable_loc(loc) -> list[str]:
+    """A pydantic error location without ``body`` and union-member tags."""
+    return [str(x) for x in loc if x != "body" and not (
+        isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "none")))]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -129,23 +147,33 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {detail.get('msg')}", None
     parts, param = [], None
     for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        loc = _readable_loc(e.get("loc", ()))
         param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        part = f"{'.'.join(loc) or 'body'}: {e.get('msg')}"
+        if part not in parts:
+            parts.append(part)
     return "invalid request: " + "; ".join(parts), param
 
 
 def build_app(engine: AsyncEngine, model_name: str, *,
-              max_concurrent_requests: int | None = None) -> FastAPI:
+              max_concurrent_requests: int | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              enable_docs: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine`` as model ``model_name``.
 
     Its lifespan starts the engine thread if it is not running yet (and then stops it at
     shutdown); an engine already running is left running. ``max_concurrent_requests``
-    bounds the generation requests in flight (more are answered 429).
+    bounds the generation requests in flight (more are answered 429); request bodies
+    over ``max_request_bytes`` are answered 413. ``/docs``, ``/redoc`` and
+    ``/openapi.json`` exist only with ``enable_docs``.
     """
     if max_concurrent_requests is not None and max_concurrent_requests < 1:
         raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
-    state = _ServerState(engine, model_name, max_concurrent_requests)
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) \
+            or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be an int >= 1, got {max_request_bytes!r}")
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="livethinking-tokenizer")
+    state = _ServerState(engine, model_name, max_concurrent_requests, pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,11 +183,14 @@ def build_app(engine: AsyncEngine, model_name: str, *,
         try:
             yield
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             if owns:
                 await run_in_threadpool(engine.shutdown)
 
-    app = FastAPI(title="livethinking", lifespan=lifespan)
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="livethinking", lifespan=lifespan, **docs)
     app.state.livethinking = state
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -172,13 +203,20 @@ def build_app(engine: AsyncEngine, model_name: str, *,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, BodyTooLarge):
+            return APIError(413, str(exc.detail), code="request_too_large").response()
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type_).response()
+
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception):
+        _log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal server error", "server_error").response()
 
     @app.get("/health")
     async def health():
         if not engine.running:
-            raise APIError(503, "the engine is not running", "service_unavailable_error")
+            raise _engine_dead()
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -190,22 +228,24 @@ def build_app(engine: AsyncEngine, model_name: str, *,
     @app.get("/metrics")
     async def metrics():
         stats = await engine.stats()
-        return Response(state.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.render(stats, in_flight=state.in_flight),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
         received = time.perf_counter()
         _check_model(body.model, model_name)
         params = _params(body, default_max_tokens=16)
-        return await _respond(state, request, "completion", body, body.prompt, params, received)
+        prompts = [await _prompt_ids(state, p) for p in P.completion_prompts(body)]
+        return await _respond(state, request, "completion", body, prompts, params, received)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         received = time.perf_counter()
         _check_model(body.model, model_name)
         params = _params(body, default_max_tokens=engine.max_model_len)
-        prompt = _chat_prompt(engine.tokenizer, body.messages)
-        return await _respond(state, request, "chat", body, prompt, params, received)
+        prompt = await _chat_prompt(state, body.messages)
+        return await _respond(state, request, "chat", body, [prompt], params, received)
 
     return app
 
@@ -223,148 +263,124 @@ def _params(body, default_max_tokens: int):
         raise APIError(400, str(exc)) from None
 
 
-def _chat_prompt(tokenizer, messages: list[P.ChatMessage]) -> list[int]:
+async def _prompt_ids(state: _ServerState, prompt: str | list[int]) -> str | list[int]:
+    """A text prompt's token ids (as the engine would encode it), off the event loop."""
+    tokenizer = state.engine.tokenizer
+    if isinstance(prompt, list) or tokenizer is None:
+        return prompt  # without a tokenizer the engine refuses text with a clear 400
+    try:
+        return await state.off_loop(tokenizer.encode, prompt)
+    except Exception as exc:
+        raise APIError(400, f"cannot tokenize the prompt: {exc}", param="prompt") from None
+
+
+async def _chat_prompt(state: _ServerState, messages: list[P.ChatMessage]) -> list[int]:
+    tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat; use "
                             "/v1/completions with token ids", param="messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                             tokenize=False)
-    except Exception as exc:  # a jinja error or a bad content part: the request's fault
+        return await state.off_loop(encode_chat, tokenizer, conversation)
+    except Exception as exc:  # a jinja error: the request's fault
         raise APIError(400, f"cannot format the messages: {exc}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def _respond(state: _ServerState, request: Request, kind: str, body, prompt, params,
-                   received: float):
-    """Admit the request, wait for its first output, then answer whole or as a stream."""
+class _Generation:
+    """The engine requests of one HTTP request (one per prompt), their metric trackers
+    and its in-flight slot; ``close()`` aborts what is unfinished and frees the slot."""
+
+    def __init__(self, state: _ServerState, request_id: str, prompts: list, params,
+                 received: float) -> None:
+        state.acquire()
+        self.state = state
+        ids = [request_id] if len(prompts) == 1 else [
+            f"{request_id}-{i}" for i in range(len(prompts))]
+        self.streams = [state.engine.generate(i, p, params, arrival_time=received)
+                        for i, p in zip(ids, prompts)]
+        self.trackers = [state.metrics.track(received) for _ in prompts]
+        self._closed = False
+
+    async def firsts(self) -> list[RequestOutput]:
+        """Every prompt's first output (admission errors propagate)."""
+        firsts = await gather_or_cancel([anext(s) for s in self.streams])
+        for tracker, first in zip(self.trackers, firsts):
+            tracker.observe(first)
+        return firsts
+
+    async def lasts(self, firsts: list[RequestOutput]) -> list[RequestOutput]:
+        """Every prompt's finished output."""
+        async def collect(first, stream: AsyncIterator[RequestOutput], tracker):
+            last = first
+            async for output in stream:
+                tracker.observe(output)
+                last = output
+            return last
+
+        return await gather_or_cancel([collect(f, s, t) for f, s, t in
+                                       zip(firsts, self.streams, self.trackers)])
+
+    async def close(self) -> None:
+        """Abort unfinished engine requests, record metrics, free the slot; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for stream in self.streams:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+        finally:
+            for tracker in self.trackers:
+                tracker.close()
+            self.state.release()
+
+
+async def _respond(state: _ServerState, request: Request, kind: str, body, prompts: list,
+                   params, received: float):
+    """Admit the requests, wait for their first outputs, then answer whole or as a stream."""
     from livethinking.engine import EngineFullError  # the engine package's public error
 
-    state.acquire()
-    handed_over = False
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = state.engine.generate(request_id, prompt, params, arrival_time=received)
-    tracker = state.metrics.track(received)
+    generation = _Generation(state, request_id, prompts, params, received)
+    handed_over = False
     try:
         try:
-            first = await _unless_disconnected(request, anext(stream))
+            firsts = await _unless_disconnected(request, generation.firsts())
         except EngineFullError as exc:
             raise APIError(429, f"the engine queue is full: {exc}", "rate_limit_error",
                            code="rate_limit_exceeded") from None
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages" if kind == "chat" else "prompt") \
                 from None
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), "service_unavailable_error") from None
+        except EngineDeadError:
+            raise _engine_dead() from None
+        except EngineStepError:
+            raise _step_failed() from None
         except _ClientGone:
             return Response(status_code=499)
-        tracker.observe(first)
         created = int(time.time())
+        n = params.n
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _stream_events(state, kind, request_id, created, first, stream, tracker,
-                                    include_usage, params.n)
+            events = stream_events(state.engine.tokenizer, state.model_name, kind, request_id,
+                                   created, firsts, merge_outputs(generation.streams),
+                                   generation.trackers, include_usage, n)
+            response = EventStream(events, generation.close,
+                                   headers={"Cache-Control": "no-cache",
+                                            "X-Accel-Buffering": "no"})
             handed_over = True
-            return _EventStream(events, headers={"Cache-Control": "no-cache",
-                                                 "X-Accel-Buffering": "no"})
+            return response
         try:
-            last = await _unless_disconnected(request, _collect(first, stream, tracker))
+            lasts = await _unless_disconnected(request, generation.lasts(firsts))
         except _ClientGone:
             return Response(status_code=499)
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), "service_unavailable_error") from None
-        return _whole_response(state, kind, body, request_id, created, last)
+        except EngineDeadError:
+            raise _engine_dead() from None
+        except EngineStepError:
+            raise _step_failed() from None
+        want_logprobs = bool(body.logprobs) if kind == "chat" else body.logprobs is not None
+        return whole_response(state.engine.tokenizer, state.model_name, kind, want_logprobs,
+                              request_id, created, lasts, n)
     finally:
         if not handed_over:
-            await stream.aclose()
-            tracker.close()
-            state.release()
-
-
-async def _collect(first: RequestOutput, stream: AsyncIterator[RequestOutput],
-                   tracker: RequestTracker) -> RequestOutput:
-    last = first
-    async for output in stream:
-        tracker.observe(output)
-        last = output
-    return last
-
-
-def _whole_response(state: _ServerState, kind: str, body, request_id: str, created: int,
-                    last: RequestOutput) -> dict:
-    tokenizer = state.engine.tokenizer
-    choices = []
-    for c in sorted(last.outputs, key=lambda c: c.index):
-        if kind == "chat":
-            lp = P.chat_logprobs(tokenizer, c.token_ids, c.logprobs) if body.logprobs else None
-            choices.append(P.chat_choice(c.index, c.text, c.finish_reason, lp))
-        else:
-            lp = (P.completion_logprobs(tokenizer, c.token_ids, c.logprobs)
-                  if body.logprobs is not None else None)
-            choices.append(P.completion_choice(c.index, c.text, c.finish_reason, lp))
-    use = P.usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs))
-    build = P.chat_response if kind == "chat" else P.completion_response
-    return build(request_id, created, state.model_name, choices, use)
-
-
-async def _stream_events(state: _ServerState, kind: str, request_id: str, created: int,
-                         first: RequestOutput, stream: AsyncIterator[RequestOutput],
-                         tracker: RequestTracker, include_usage: bool,
-                         n: int) -> AsyncIterator[str]:
-    """The SSE events of one request; closing it early aborts the request."""
-    tokenizer, model = state.engine.tokenizer, state.model_name
-    text_offsets = [0] * n  # completions' text_offset per choice
-    deltas = P.DeltaTracker(n)
-    chat = kind == "chat"
-
-    def chunk(output: RequestOutput, want_logprobs: bool) -> str | None:
-        choices = []
-        for d in deltas.deltas(output):
-            if not d.text and d.finish_reason is None and not want_logprobs:
-                continue  # tokens that do not complete a character yet
-            if chat:
-                lp = (P.chat_logprobs(tokenizer, d.token_ids, d.logprobs)
-                      if want_logprobs else None)
-                delta = {"content": d.text} if d.text or not d.finish_reason else {}
-                choices.append({"index": d.index, "delta": delta, "logprobs": lp,
-                                "finish_reason": d.finish_reason})
-            else:
-                lp = None
-                if want_logprobs:
-                    lp = P.completion_logprobs(tokenizer, d.token_ids, d.logprobs,
-                                               text_offsets[d.index])
-                    text_offsets[d.index] += len(d.text)
-                choices.append(P.completion_choice(d.index, d.text, d.finish_reason, lp))
-        if not choices:
-            return None
-        build = P.chat_chunk if chat else P.completion_response
-        return _sse(build(request_id, created, model, choices, None))
-
-    want_logprobs = any(c.logprobs is not None for c in first.outputs)
-    last = first
-    try:
-        async with contextlib.aclosing(stream):
-            if chat:
-                yield _sse(P.chat_chunk(request_id, created, model, [
-                    {"index": i, "delta": {"role": "assistant", "content": ""},
-                     "logprobs": None, "finish_reason": None} for i in range(n)]))
-            if (event := chunk(first, want_logprobs)) is not None:
-                yield event
-            async for output in stream:
-                tracker.observe(output)
-                last = output
-                if (event := chunk(output, want_logprobs)) is not None:
-                    yield event
-        if include_usage:
-            use = P.usage(len(last.prompt_token_ids),
-                          sum(len(c.token_ids) for c in last.outputs))
-            build = P.chat_chunk if chat else P.completion_response
-            yield _sse(build(request_id, created, model, [], use))
-        yield _sse("[DONE]")
-    except EngineDeadError as exc:
-        yield _sse(P.error_body(str(exc), "service_unavailable_error"))
-        yield _sse("[DONE]")
-    finally:
-        tracker.close()
-        state.release()
+            await generation.close()

@@ -6,12 +6,19 @@ thread-safe command queue; the thread hands outputs back through per-request
 `asyncio.Queue`s (``loop.call_soon_threadsafe``) and answers commands that need a reply
 (admission, stats) through `concurrent.futures.Future`s. While no request is unfinished
 the thread blocks on the command queue: it never spins.
+
+A step that raises fails only the requests it concerns (those holding KV blocks: the
+running ones and any part-way through prefill), which get `EngineStepError`; requests
+still waiting untouched keep their place and the loop lives on. Only
+``max_consecutive_step_failures`` failed steps in a row (a broken device, not a bad
+request) stop the thread; then every request gets `EngineDeadError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -21,11 +28,18 @@ from dataclasses import dataclass
 from livethinking.engine.outputs import RequestOutput
 from livethinking.engine.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineDeadError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStepError"]
+
+_log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread is not running (never started, shut down, or a step failed)."""
+    """The engine thread is not running (never started, shut down, or steps kept failing)."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed while this request was in it; the request was aborted (the
+    detail is logged by the engine thread, never sent to clients)."""
 
 
 @dataclass(slots=True)
@@ -76,8 +90,12 @@ class AsyncEngine:
     went away) aborts the request, which frees its KV blocks.
     """
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, *, max_consecutive_step_failures: int = 3) -> None:
+        if max_consecutive_step_failures < 1:
+            raise ValueError(f"max_consecutive_step_failures must be >= 1, got "
+                             f"{max_consecutive_step_failures}")
         self.engine = engine
+        self.max_consecutive_step_failures = max_consecutive_step_failures
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # touched by the engine thread only
         self._thread: threading.Thread | None = None
@@ -175,11 +193,11 @@ class AsyncEngine:
 
     def _check_alive(self) -> None:
         if not self.running:
-            raise EngineDeadError("the engine is not running"
-                                  + (f" ({self._error!r})" if self._error else ""))
+            raise EngineDeadError("the engine is not running")
 
     def _run(self) -> None:
         engine = self.engine
+        failures = 0  # failed steps in a row
         try:
             while True:
                 # Block for a command while idle; otherwise take what is queued and step.
@@ -194,11 +212,20 @@ class AsyncEngine:
                     if not self._apply(command):
                         return
                 if engine.has_unfinished_requests():
-                    self._step()
-        except BaseException as exc:  # a failed step: fail everyone, refuse new work
-            self._error = exc
-            self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
-            raise
+                    try:
+                        self._step()
+                    except Exception:
+                        failures += 1
+                        _log.exception("engine step failed (%d in a row)", failures)
+                        if failures >= self.max_consecutive_step_failures:
+                            raise
+                        self._fail_step()
+                    else:
+                        failures = 0
+        except BaseException as exc:  # unrecoverable: fail everyone, refuse new work
+            self._error = exc  # logged above or here; the thread ends (health: 503)
+            _log.error("the engine thread stops: %r", exc)
+            self._fail_all(EngineDeadError("the engine stopped after repeated failures"))
         finally:
             self._fail_all(EngineDeadError("the engine was shut down"))
             self._drain_after_stop()
@@ -217,7 +244,10 @@ class AsyncEngine:
                     command.reply.set_result(None)
         elif isinstance(command, _Abort):
             if self._routes.pop(command.request_id, None) is not None:
-                self.engine.abort_request(command.request_id)
+                try:
+                    self.engine.abort_request(command.request_id)
+                except Exception:
+                    _log.exception("aborting request %s failed", command.request_id)
         elif isinstance(command, _Stats):
             if command.reply.set_running_or_notify_cancel():
                 try:
@@ -236,6 +266,20 @@ class AsyncEngine:
             if output.finished:
                 del self._routes[output.request_id]
             route.put(output)
+
+    def _fail_step(self) -> None:
+        """Abort the requests a failed step concerned and send each `EngineStepError`."""
+        engine = self.engine
+        scheduler = engine.scheduler
+        concerned = {seq.request_id for seq in scheduler.running}
+        concerned |= {seq.request_id for seq in scheduler.waiting if seq.block_table}
+        if not concerned:  # the failure came before any sequence held blocks
+            concerned = set(engine.requests)
+        for request_id in concerned:
+            engine.abort_request(request_id)
+            route = self._routes.pop(request_id, None)
+            if route is not None:
+                route.put(EngineStepError("the engine failed while generating this request"))
 
     def _fail_all(self, error: BaseException) -> None:
         routes, self._routes = self._routes, {}

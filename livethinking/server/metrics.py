@@ -3,7 +3,8 @@
 Latencies are measured by the server: time to first token runs from the moment the
 request was received to the moment its first token reached the HTTP layer; time per
 output token is (last token − first token) / (tokens − 1) of the longest choice. Engine
-gauges (queue lengths, KV blocks, prefix-cache hit rate) are read at scrape time.
+gauges (queue lengths, KV blocks, prefix-cache hit rate, preemptions) are read at scrape
+time, with the server's own count of HTTP requests in flight.
 """
 
 from __future__ import annotations
@@ -54,13 +55,25 @@ class ServerMetrics:
         self.prefix_cache_hit_rate = Gauge(
             "livethinking_prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache / prompt tokens looked up", registry=r)
+        self.num_requests_in_flight = Gauge(
+            "livethinking_num_requests_in_flight",
+            "Generation requests the server holds (admitted, not yet answered)", registry=r)
+        self.num_preemptions = Counter(
+            "livethinking_num_preemptions",
+            "Sequences the engine preempted (KV blocks freed, recomputed later)", registry=r)
+        self._preemptions_seen = 0
 
     def track(self, received: float) -> RequestTracker:
         """A tracker for one request received at ``received`` (``time.perf_counter()``)."""
         return RequestTracker(self, received)
 
-    def render(self, stats) -> bytes:
-        """The Prometheus text exposition, engine gauges taken from ``stats`` (EngineStats)."""
+    def render(self, stats, in_flight: int = 0) -> bytes:
+        """The Prometheus text exposition, engine gauges taken from ``stats`` (EngineStats)
+        and ``in_flight`` the server's requests in flight."""
+        self.num_requests_in_flight.set(in_flight)
+        if stats.num_preemptions > self._preemptions_seen:  # the engine's count is cumulative
+            self.num_preemptions.inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
         self.num_requests_waiting.set(stats.num_waiting)
         self.num_requests_running.set(stats.num_running)
         self.kv_blocks_used.set(stats.kv_blocks_total - stats.kv_blocks_free)

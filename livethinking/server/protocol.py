@@ -4,89 +4,146 @@ Requests are pydantic models (unknown OpenAI fields are ignored); responses are 
 shaped like OpenAI's ``text_completion``, ``chat.completion`` and ``chat.completion.chunk``
 objects. Log-probs: the engine reports the log-prob of each sampled token only, so chat
 ``top_logprobs`` lists stay empty (``top_logprobs > 0`` is refused) and completions'
-``top_logprobs`` hold just the sampled token.
+``top_logprobs`` hold just the sampled token; a log-prob of -inf is reported as
+``MIN_LOGPROB`` (JSON has no infinities).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictBool,
+                      StrictFloat, StrictInt)
 
 from livethinking.engine.outputs import RequestOutput
-from livethinking.engine.sampling_params import SamplingParams
+from livethinking.engine.sampling_params import MAX_SEED, MAX_TOP_K, MIN_SEED, SamplingParams
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "Delta", "DeltaTracker",
-    "StreamOptions", "chat_chunk", "chat_choice", "chat_logprobs", "chat_response",
-    "completion_choice", "completion_logprobs", "completion_response", "error_body",
-    "sampling_params", "usage",
+    "MIN_LOGPROB", "StreamOptions", "TextPart", "chat_chunk", "chat_choice", "chat_logprobs",
+    "chat_response", "completion_choice", "completion_logprobs", "completion_prompts",
+    "completion_response", "error_body", "sampling_params", "usage",
 ]
+
+MIN_LOGPROB = -9999.0  # what -inf log-probs are reported as (vLLM's floor; JSON has no inf)
+_MAX_INT64 = 2**63 - 1
+
+
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text must be valid Unicode; found a lone surrogate at character "
+                         f"{exc.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # a string that encodes as UTF-8
+
+
+def _is_token_id(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _prompt(value):
+    if isinstance(value, str):
+        return _valid_unicode(value)
+    if isinstance(value, list) and value:
+        if all(_is_token_id(t) for t in value):
+            return value
+        if all(isinstance(p, str) for p in value):
+            return [_valid_unicode(p) for p in value]
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+            return value
+    raise ValueError("prompt must be a string, a non-empty list of token ids (ints >= 0), "
+                     "a non-empty list of strings, or a non-empty list of non-empty token-id "
+                     "lists")
+
+
+# OpenAI's four prompt shapes, checked in one place for one clear error message
+Prompt = Annotated[str | list[int] | list[str] | list[list[int]],
+                   PlainValidator(_prompt, json_schema_input_type=
+                                  str | list[int] | list[str] | list[list[int]])]
 
 
 class _Lenient(BaseModel):
-    """Ignores fields it does not know (OpenAI clients send many)."""
+    """Ignores fields it does not know (OpenAI clients send many); types are strict where
+    OpenAI's are (no "yes" for a bool, no true for an int) and numbers must be finite."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Lenient):
     """``stream_options``: ``include_usage`` adds a last chunk with usage, no choices."""
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingFields(_Lenient):
     """Fields completions and chat share (None: the OpenAI default)."""
 
-    model: str
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=64)
-    stream: bool | None = False
+    model: Text
+    temperature: StrictFloat | None = Field(None, ge=0.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    n: StrictInt | None = Field(None, ge=1, le=64)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     # Extras beyond OpenAI (vLLM spells them the same way).
-    top_k: int | None = Field(None, ge=-1)
-    ignore_eos: bool = False
+    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K)
+    ignore_eos: StrictBool = False
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions. ``logprobs``: report the sampled tokens' log-probs (0..5)."""
+    """POST /v1/completions. ``prompt``: a string, a list of token ids, or a batch (a list
+    of strings or of token-id lists; each prompt gets ``n`` choices, numbered
+    ``prompt_index * n + sample_index``). ``logprobs``: report the sampled tokens'
+    log-probs (0..5)."""
 
-    prompt: str | list[int]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: Prompt
+    max_tokens: StrictInt | None = Field(16, ge=1, le=_MAX_INT64)
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+
+
+def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts as a batch: a single prompt becomes a batch of one."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+class TextPart(_Lenient):
+    """A content part; only text parts are supported."""
+
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(_Lenient):
-    """One chat message; content is a string or a list of text parts."""
+    """One chat message (OpenAI's roles); content is a string or a list of text parts."""
 
-    role: str
-    content: str | list[dict] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         """The content as one string (text parts of a multi-part content joined)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions. Without a length limit the answer may fill the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_INT64)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=_MAX_INT64)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest,
@@ -108,7 +165,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest,
         top_k=request.top_k or 0,
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         seed=request.seed,
-        stop=request.stop or [],
+        stop=[] if request.stop is None else request.stop,  # "" is refused like [""]
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
     )
@@ -157,6 +214,11 @@ class DeltaTracker:
 
 # -- log-probs ------------------------------------------------------------------------
 
+def _finite(logprob: float) -> float:
+    value = float(logprob)
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
 def _token_text(tokenizer, token_id: int) -> str:
     if tokenizer is None:
         return f"token_id:{token_id}"
@@ -168,7 +230,7 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] | None)
     content = []
     for token_id, logprob in zip(token_ids, logprobs or []):
         token = _token_text(tokenizer, token_id)
-        content.append({"token": token, "logprob": float(logprob),
+        content.append({"token": token, "logprob": _finite(logprob),
                         "bytes": list(token.encode("utf-8")), "top_logprobs": []})
     return {"content": content}
 
@@ -182,7 +244,7 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float] |
         tokens.append(token)
         offsets.append(text_offset)
         text_offset += len(token)
-    values = [float(v) for v in (logprobs or [])]
+    values = [_finite(v) for v in (logprobs or [])]
     return {"tokens": tokens, "token_logprobs": values,
             "top_logprobs": [{t: v} for t, v in zip(tokens, values)], "text_offset": offsets}
 
