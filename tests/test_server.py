@@ -272,6 +272,20 @@ def test_bad_json_and_invalid_fields(served):
     assert response.status_code == 400 and "stop" in _error(response)["message"]
 
 
+def test_oversized_body_413_over_a_real_socket(served):
+    """Refused from its Content-Length before the body is read, or counted as a chunked
+    body arrives; the client still reads the 413 and the server keeps serving."""
+    big = json.dumps({"model": MODEL, "prompt": "x" * (5 * 2**20)}).encode()
+    response = httpx2.post(f"{served.url}/v1/completions", content=big,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and _error(response)["code"] == "request_too_large"
+    chunks = (b" " * 2**20 for _ in range(5))
+    response = httpx2.post(f"{served.url}/v1/completions", content=chunks,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and _error(response)["code"] == "request_too_large"
+    assert httpx2.get(f"{served.url}/health").status_code == 200
+
+
 def test_unknown_model_and_bad_lengths(client, engine):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)

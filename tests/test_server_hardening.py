@@ -333,6 +333,24 @@ def test_metrics_in_flight_and_preemptions(app):
     assert "livethinking_num_preemptions_total" in text
 
 
+def test_preemption_counter_follows_the_engine():
+    from livethinking.engine.config import EngineStats
+    from livethinking.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+
+    def exported(preemptions: int, in_flight: int) -> str:
+        stats = EngineStats(num_waiting=0, num_running=0, kv_blocks_total=8, kv_blocks_free=8,
+                            prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0,
+                            prefill_tokens=0, decode_tokens=0, num_preemptions=preemptions)
+        return metrics.render(stats, in_flight=in_flight).decode()
+
+    assert "livethinking_num_preemptions_total 3.0" in exported(3, 2)
+    text = exported(5, 0)
+    assert "livethinking_num_preemptions_total 5.0" in text
+    assert "livethinking_num_requests_in_flight 0.0" in text
+
+
 def test_slot_released_when_client_leaves_before_the_body(app, engine):
     """The client hangs up right after sending its request, so the response's first send
     fails and the SSE body never starts: the in-flight slot still comes back and the

@@ -12,6 +12,8 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from livethinking.server.protocol import error_body
+
 __all__ = ["BodySizeLimit", "BodyTooLarge"]
 
 
@@ -26,9 +28,7 @@ class BodyTooLarge(HTTPException):
 
 
 def _too_large_body(limit: int) -> bytes:
-    return json.dumps({"error": {"message": BodyTooLarge(limit).detail,
-                                 "type": "invalid_request_error", "param": None,
-                                 "code": "request_too_large"}}).encode()
+    return json.dumps(error_body(BodyTooLarge(limit).detail, code="request_too_large")).encode()
 
 
 class BodySizeLimit:
