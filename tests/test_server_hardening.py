@@ -138,6 +138,50 @@ def test_failed_step_fails_only_its_request(app, engine, monkeypatch):
     assert _complete(app, stream=True).status_code == 200 and engine.running
 
 
+def test_failed_step_spares_requests_it_did_not_touch(tiny_checkpoint, monkeypatch):
+    """One sequence at a time: A decodes, B waits with no KV blocks. A decode step fails:
+    A ends with an error event, B (never in that step) is answered in full."""
+    llm = LLM(tiny_checkpoint, device="cpu", config=EngineConfig(max_num_seqs=1))
+    single = AsyncEngine(llm.engine)
+    runner, armed = llm.engine.runner, []
+    real = runner.execute
+
+    def fail_when_armed(*args, **kwargs):
+        if armed:
+            armed.clear()
+            raise RuntimeError("secret")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", fail_when_armed)
+    app = build_app(single, MODEL)
+    single.start()
+
+    async def run():
+        transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://t",
+                                      timeout=60) as client:
+            a = asyncio.ensure_future(client.post("/v1/completions", json={
+                "model": MODEL, "prompt": "the red", "max_tokens": 400, "ignore_eos": True,
+                "stream": True}))
+            while (await single.stats()).num_running < 1:
+                await asyncio.sleep(0.005)
+            b = asyncio.ensure_future(client.post("/v1/completions", json={
+                "model": MODEL, "prompt": "blue?", "max_tokens": 3, "ignore_eos": True}))
+            while (await single.stats()).num_waiting < 1:
+                await asyncio.sleep(0.005)
+            armed.append(1)
+            return await a, await b
+
+    try:
+        a, b = asyncio.run(run())
+        assert _sse_events(a)[-1]["error"]["type"] == "server_error"
+        assert b.status_code == 200 and b.json()["usage"]["completion_tokens"] == 3
+        assert single.running
+        _idle(single)
+    finally:
+        single.shutdown()
+
+
 def test_repeated_step_failures_stop_the_engine_with_a_fixed_503(tiny_checkpoint, monkeypatch):
     llm = LLM(tiny_checkpoint, device="cpu", config=EngineConfig(max_num_seqs=2))
     broken = AsyncEngine(llm.engine, max_consecutive_step_failures=2)
@@ -208,6 +252,8 @@ def test_tiny_temperature_is_greedy_with_finite_logprobs(app):
     assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
     values = tiny["choices"][0]["logprobs"]["token_logprobs"]
     assert len(values) == 6 and all(math.isfinite(v) and v <= 0 for v in values)
+    low = _complete(app, temperature=1e-5, logprobs=0, max_tokens=6).json()  # sampled, not greedy
+    assert all(math.isfinite(v) for v in low["choices"][0]["logprobs"]["token_logprobs"])
     chat = _post(app, "/v1/chat/completions", {
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
         "temperature": 1e-40, "logprobs": True, "stream": True})

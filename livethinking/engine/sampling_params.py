@@ -22,12 +22,15 @@ class SamplingParams:
 
     A token is drawn from softmax(logits / temperature) restricted to the ``top_k`` most
     likely tokens and to the smallest set whose probability reaches ``top_p``;
-    ``temperature < GREEDY_TEMPERATURE_EPS`` (1e-5, as vLLM) is greedy (argmax) and is
-    stored as 0 (dividing by a tinier one overflows float32 logits to inf and NaN). The
-    reported log-prob of a sampled token is log softmax(logits / temperature) at it
-    *before* top-k/top-p truncation (temperature 1 when greedy), the quantity the
-    trainer's ``fused_linear_logprobs`` computes. Every number is bounded by what the
-    sampler can represent (``top_k`` int32, ``seed`` int64; non-finite values refused).
+    ``temperature < GREEDY_TEMPERATURE_EPS`` (1e-5, vLLM's ``_SAMPLING_EPS``) is greedy
+    (argmax) and is stored as 0 (dividing by a tinier one overflows float32 logits to inf
+    and NaN). vLLM also raises temperatures in (0, 1e-2) to 1e-2 (its ``_MAX_TEMP``); we
+    keep them, as logits / 1e-5 stay finite in float32 and the reported log-probs stay the
+    trainer's at the requested temperature. The reported log-prob of a sampled token is
+    log softmax(logits / temperature) at it *before* top-k/top-p truncation (temperature 1
+    when greedy), the quantity the trainer's ``fused_linear_logprobs`` computes. Every
+    number is bounded by what the sampler can represent (``top_k`` int32, ``seed`` int64;
+    non-finite values refused).
 
     ``n`` samples share one prefill of the prompt. ``seed`` makes a request's samples
     reproducible whatever else shares the batch. Generation stops at ``max_tokens``, at an
