@@ -373,6 +373,26 @@ def test_default_model_name_is_the_folder_name(tmp_path):
     assert default_served_model_name("ckpt") == "ckpt"
 
 
+def test_serve_command_wires_name_limit_and_docs(tiny_checkpoint, monkeypatch):
+    import uvicorn
+
+    from livethinking.cli import main
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    assert main(["serve", "--model", str(tiny_checkpoint), "--device", "cpu",
+                 "--max-request-bytes", "1000"]) == 0
+    app = served[0]
+    assert app.state.livethinking.model_name == tiny_checkpoint.name  # not the full path
+    assert app.openapi_url is None and app.docs_url is None
+    body = json.dumps({"model": tiny_checkpoint.name, "prompt": "x" * 2000}).encode()
+    response = _call(app, ("POST", "/v1/completions", {"content": body}))[0]
+    assert _error(response, 413)["code"] == "request_too_large"
+    assert main(["serve", "--model", str(tiny_checkpoint), "--device", "cpu",
+                 "--enable-docs"]) == 0
+    assert served[1].openapi_url == "/openapi.json"
+
+
 def test_metrics_in_flight_and_preemptions(app):
     text = _call(app, ("GET", "/metrics", {}))[0].text
     assert "livethinking_num_requests_in_flight 0.0" in text
