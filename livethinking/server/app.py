@@ -34,7 +34,7 @@ from livethinking.model.prompt import encode_chat
 from livethinking.server import protocol as P
 from livethinking.server.body_limit import BodySizeLimit, BodyTooLarge
 from livethinking.server.engine_thread import AsyncEngine, EngineDeadError, EngineStepError
-from livethinking.server.metrics import CONTENT_TYPE_LATEST, RequestTracker, ServerMetrics
+from livethinking.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from livethinking.server.responses import (ENGINE_DEAD_MESSAGE, STEP_FAILED_MESSAGE,
                                            stream_events, whole_response)
 from livethinking.server.streaming import EventStream, gather_or_cancel, merge_outputs
