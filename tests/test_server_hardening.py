@@ -210,6 +210,28 @@ def test_repeated_step_failures_stop_the_engine_with_a_fixed_503(tiny_checkpoint
         broken.shutdown()
 
 
+def test_a_request_racing_the_engine_stop_is_answered(tiny_checkpoint):
+    """A request admitted by the liveness check while the thread is in its last moments
+    (no longer taking commands) gets EngineDeadError instead of waiting forever."""
+    from livethinking.server import EngineDeadError
+
+    llm = LLM(tiny_checkpoint, device="cpu", config=EngineConfig(max_num_seqs=2))
+    racing = AsyncEngine(llm.engine)
+    racing.start()
+    try:
+        with racing._accepting_lock:  # the state the thread enters before its last drain
+            racing._accepting = False
+
+        async def first():
+            return await anext(racing.generate("late", [1, 2, 3], SamplingParams(max_tokens=2)))
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(asyncio.wait_for(first(), 5))
+    finally:
+        racing._accepting = True
+        racing.shutdown()
+
+
 # -- 2 and 4: client mistakes are 400, never 500 -------------------------------------------
 
 _CHAT = '{"model": "tiny", "max_tokens": 2, "messages": [{"role": %s, "content": %s}]%s}'

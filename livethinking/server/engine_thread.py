@@ -100,6 +100,10 @@ class AsyncEngine:
         self._routes: dict[str, _Route] = {}  # touched by the engine thread only
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Commands are queued only while the thread accepts them; the thread stops
+        # accepting (under the lock) before its last drain, so none is left unanswered.
+        self._accepting = False
+        self._accepting_lock = threading.Lock()
 
     @property
     def tokenizer(self):
@@ -121,6 +125,7 @@ class AsyncEngine:
         if self.running:
             return
         self._error = None
+        self._accepting = True
         self._thread = threading.Thread(target=self._run, name="livethinking-engine",
                                         daemon=True)
         self._thread.start()
@@ -131,7 +136,7 @@ class AsyncEngine:
         thread = self._thread
         if thread is None:
             return
-        self._commands.put(_Stop())
+        self._submit(_Stop())
         thread.join(timeout)
         if thread.is_alive():
             raise TimeoutError(f"the engine thread did not stop within {timeout} s")
@@ -152,7 +157,7 @@ class AsyncEngine:
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         admitted: bool | None = None  # None: unknown (the add command may still run)
         finished = False
-        self._commands.put(_Add(request_id, prompt, params, arrival, loop, outputs, reply))
+        self._submit(_Add(request_id, prompt, params, arrival, loop, outputs, reply))
         try:
             try:
                 await asyncio.wrap_future(reply)
@@ -174,11 +179,11 @@ class AsyncEngine:
             # Cancelled, closed early or failed: free the request's KV blocks now. Never
             # await here: this runs inside cancelled scopes and generator finalizers.
             if admitted is not False and not finished:
-                self._commands.put(_Abort(request_id))
+                self._submit(_Abort(request_id))
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread (unknown ids are ignored)."""
-        self._commands.put(_Abort(request_id))
+        self._submit(_Abort(request_id))
 
     async def stats(self):
         """The engine's `EngineStats`, read on the engine thread after the commands sent
@@ -186,10 +191,20 @@ class AsyncEngine:
         if not self.running:
             return self.engine.stats()  # no other thread touches the engine
         reply: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Stats(reply))
+        self._submit(_Stats(reply))
         return await asyncio.wrap_future(reply)
 
     # -- the engine thread ------------------------------------------------------------
+
+    def _submit(self, command) -> None:
+        """Queue a command for the engine thread, or answer it as dead when the thread
+        no longer accepts commands."""
+        with self._accepting_lock:
+            if self._accepting:
+                self._commands.put(command)
+                return
+        if isinstance(command, (_Add, _Stats)) and command.reply.set_running_or_notify_cancel():
+            command.reply.set_exception(EngineDeadError("the engine is not running"))
 
     def _check_alive(self) -> None:
         if not self.running:
@@ -227,6 +242,8 @@ class AsyncEngine:
             _log.error("the engine thread stops: %r", exc)
             self._fail_all(EngineDeadError("the engine stopped after repeated failures"))
         finally:
+            with self._accepting_lock:
+                self._accepting = False
             self._fail_all(EngineDeadError("the engine was shut down"))
             self._drain_after_stop()
 
