@@ -54,7 +54,7 @@ def reference_loss(hidden, weight, targets, mask, advantages, *, old=None, ref=N
         per_sequence.append(token_sums[-1] / m.sum().clamp(min=1))
         abs_sums.append((loss_t.detach().abs() * m).sum())
         abs_sequence.append(abs_sums[-1] / m.sum().clamp(min=1))
-        low = ((ratio < 1 - epsilon_low) & (a < 0)).to(dtype)
+        low = ((ratio < 1 - epsilon_low) & (a < 0) & (loss_type != "cispo")).to(dtype)
         high = ((ratio > 1 + eps_high) & (a > 0)).to(dtype)
         for name, value in zip(STATS, [entropy[b], kl_t, low, high, torch.maximum(low, high), ratio]):
             stats[name].append((value.detach() * m).sum())
@@ -317,8 +317,8 @@ def test_matches_liger(loss_type, level, off_policy, ref, generator):
     ours ``kl`` and ``clip_ratio_region``.
     Different by design, so mapped: CISPO caps the detached ratio at ``1 + epsilon_high`` in
     ours (the paper's form) and at ``epsilon_high`` in Liger/TRL: Liger gets ``1 + ε_high``.
-    Liger's CISPO clip metric counts only the upper cap (as TRL's ``cispo_clip_ratio``): it is
-    compared with our ``clip_ratio_high``.
+    Liger's CISPO clip metric counts only the upper cap (as TRL's ``cispo_clip_ratio``), as
+    our ``clip_ratio_region`` does for CISPO.
     Not compared: Liger refuses CISPO with sequence-level ratios; it has no k1/k2 KL and no
     per-token advantages; its float64 inputs are computed through float32 log-probs (its loss
     is float32), so fp64 is no sharper reference than fp32 and only fp32 is compared.
@@ -389,11 +389,11 @@ def test_matches_liger(loss_type, level, off_policy, ref, generator):
     assert len(liger_kl) == (beta != 0)
     if liger_kl:
         assert ours[1]["kl"].item() == pytest.approx(liger_kl[0].item(), rel=1e-5, abs=1e-7)
-    # CISPO clips only above (Liger and TRL count ``ratio > cap and A > 0``): compared with
-    # our clip_ratio_high; our clip_ratio_low/region also count ``ratio < 1 − ε_low, A < 0``
-    # for CISPO, which it does not clip (a real difference, reported with this test)
-    clipped = "clip_ratio_high" if loss_type == "cispo" else "clip_ratio_region"
-    assert ours[1][clipped].item() == pytest.approx(liger_clipped.item(), abs=1e-7)
+    # CISPO clips only above (Liger and TRL count ``ratio > cap and A > 0``), so for it our
+    # clip_ratio_low is 0 and the region is the high count, as for the other types
+    assert ours[1]["clip_ratio_region"].item() == pytest.approx(liger_clipped.item(), abs=1e-7)
+    if loss_type == "cispo":
+        assert ours[1]["clip_ratio_low"].item() == 0.0
     if off_policy and loss_type != "cispo":
         assert liger_clipped.item() > 0  # the case exercises clipping
 

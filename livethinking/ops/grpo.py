@@ -64,7 +64,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
     Returns (loss, stats): a scalar float32 loss differentiable in hidden, weight and bias,
     and a dict of detached statistics: ``logprobs`` (B, T) float32 (0 where the mask is 0:
     those rows cost no GEMM work, as ``fused_linear_logprobs`` says), ``entropy``, ``kl``,
-    ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` and ``ratio`` (masked means).
+    ``clip_ratio_low`` (r < 1 − ε_low, A < 0; always 0 for cispo, which clips above
+    only), ``clip_ratio_high`` (r > 1 + ε_high, A > 0), ``clip_ratio_region`` (either) and
+    ``ratio`` (masked means).
     """
     batch, length = _check(hidden, weight, targets, completion_mask, advantages, old_logprobs,
                            ref_logprobs, beta, epsilon_low, loss_type, importance_sampling_level,
@@ -110,8 +112,10 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
         loss = masked_sum / denominator
 
     with torch.no_grad():
-        low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + epsilon_high) & (adv > 0)
+        # CISPO caps the weight above only: nothing is clipped below (TRL's and Liger's
+        # cispo clip ratio count ``ratio > cap and A > 0`` alone)
+        low = torch.zeros_like(high) if loss_type == "cispo" else (ratio < 1 - epsilon_low) & (adv < 0)
         stats = {
             "logprobs": logp.detach(),
             "entropy": _masked_mean(entropy, mask),
