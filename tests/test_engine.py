@@ -415,6 +415,19 @@ def test_a_bad_prompt_in_a_batch_adds_nothing_and_the_next_call_works(tiny_check
     assert _all_free(llm)
 
 
+def test_prompt_ids_must_be_plain_ints_in_a_list(tiny_checkpoint):
+    engine = LLM(tiny_checkpoint, block_size=4).engine
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="token ids must be ints"):
+        engine.validate_request([1, True], params)  # a bool is an int to Python, not an id
+    with pytest.raises(TypeError, match="prompt must be a str or a list of token ids"):
+        engine.validate_request(iter([1, 2]), params)
+    too_long = [1] * engine.max_model_len
+    with pytest.raises(ValueError, match=f"prompt has {engine.max_model_len} tokens"):
+        engine.validate_request(too_long, params)
+    assert engine.validate_request((3, 4), params) == [3, 4]
+
+
 def _interrupt_on_call(llm, monkeypatch, call: int):
     execute, calls = llm.engine.runner.execute, [0]
 

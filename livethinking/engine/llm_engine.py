@@ -103,9 +103,6 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
-                             f"tokens, which must leave room for at least one new token")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         if self.blocks.blocks_needed(len(ids)) + params.n - 1 > self.blocks.num_blocks:
@@ -123,12 +120,18 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
             ids = self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
+        else:
+            raise TypeError(f"prompt must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:  # before the per-id check: that is O(len) Python
+            raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
+                             f"tokens, which must leave room for at least one new token")
         vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(type(t) is not int or not 0 <= t < vocab for t in ids):  # bool is not an id
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         return ids
 

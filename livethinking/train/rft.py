@@ -34,7 +34,7 @@ from livethinking.train.teacher import accept_samples, teacher_responses
 __all__ = ["RFTTrainer", "run_rft"]
 
 
-def _accepted(config: RFTConfig, records, out: Path, reuse: bool, write: bool = True):
+def _accepted(config: RFTConfig, records, out: Path, reuse: bool):
     path = out / "rft_accepted.jsonl"
     by_id = {r.id: r for r in records}
     if reuse and path.is_file():
@@ -44,8 +44,6 @@ def _accepted(config: RFTConfig, records, out: Path, reuse: bool, write: bool = 
                                   system_prompt=config.system_prompt)
     kept, stats = accept_samples(records, responses, make_judges(config.judge),
                                  helpful_threshold=config.helpful_threshold)
-    if not write:
-        return kept, stats
     write_text_atomic(path, "".join(json.dumps({"id": r.id, "response": text}) + "\n"
                                     for r, text in kept))
     return kept, stats
