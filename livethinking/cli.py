@@ -60,9 +60,23 @@ def _data_make_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from livethinking.train import DemoSize, run_demo
 
-    run_demo(args.out, size=DemoSize.quick() if args.quick else DemoSize(), seed=args.seed,
-             threads=args.threads)
+    run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed, threads=args.threads,
+             quiet=args.quiet, teacher_active_params=args.teacher_active_params)
     return 0
+
+
+def _positive(kind):
+    """An argparse type: ``kind(text)`` that must be > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got "
+                                             f"{text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "on a CPU in minutes")
     demo.add_argument("--out", default="livethinking-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a reduced size (seconds; for CI)")
-    demo.add_argument("--threads", type=int, help="torch CPU threads")
+    demo.add_argument("--size", choices=["quick", "default", "large"], default="default",
+                      help="quick: the CI size (a minute); default: minutes on 2 CPU cores; "
+                           "large: more products and a bigger student, for a 16-core machine "
+                           "or a GPU (about 10 minutes). The knobs are printed and saved in "
+                           "results.json")
+    demo.add_argument("--quiet", action="store_true",
+                      help="no progress bars, stage banners or log lines (errors still print)")
+    demo.add_argument("--teacher-active-params", type=_positive(float), default=37e9,
+                      help="the teacher stand-in's active parameters in the cost table "
+                           "(default 37e9: the paper's 670B teacher, 37B active)")
+    demo.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     demo.set_defaults(run=_demo)
 
     data = commands.add_parser("data", help="livestream data sets")

@@ -99,17 +99,23 @@ class EvalResult:
     tokens_per_response: float
     ttft_ms: float  # median time to first token in the engine
     responses: list[str]
+    tpot_ms: float = 0.0  # median time per output token after the first, one request at a time
 
     def as_dict(self) -> dict[str, float]:
         return {"correct": self.correct, "helpful": self.helpful,
-                "tokens_per_response": self.tokens_per_response, "ttft_ms": self.ttft_ms}
+                "tokens_per_response": self.tokens_per_response, "ttft_ms": self.ttft_ms,
+                "tpot_ms": self.tpot_ms}
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_tokens: int,
-             system_prompt: str | None = None) -> EvalResult:
-    """Greedy answers to ``records`` through the engine, judged; TTFT measured one request
-    at a time so it is the latency a single viewer sees."""
+             system_prompt: str | None = None, probe_tokens: int = 16) -> EvalResult:
+    """Greedy answers to ``records`` through the engine, judged; TTFT and TPOT measured one
+    request at a time (up to 8 probes of ``probe_tokens`` tokens, end-of-sequence ignored)
+    so they are the latency a single viewer sees: TTFT = first token − arrival, TPOT =
+    (last token − first token) / (tokens − 1), medians over the probes."""
+    import time
+
     from livethinking.engine import LLM, SamplingParams
 
     was_training = model.training
@@ -119,8 +125,15 @@ def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_t
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=False)
     prompts = [prompt_ids(tokenizer, r, system_prompt) for r in records]
     outputs = llm.generate(prompts, params)
-    ttfts = [llm.generate([p], SamplingParams(temperature=0.0, max_tokens=1, logprobs=False))[0].ttft
-             for p in prompts[:8]]
+    probe = SamplingParams(temperature=0.0, max_tokens=max(1, probe_tokens), logprobs=False,
+                           ignore_eos=True)
+    ttfts, tpots = [], []
+    for p in prompts[:8]:
+        (out,) = llm.generate([p], probe)
+        done, n = time.perf_counter(), len(out.outputs[0].token_ids)
+        ttfts.append(out.ttft)
+        if n > 1:
+            tpots.append((done - out.first_token_time) / (n - 1))
     model.train(was_training)
     texts = [o.outputs[0].text for o in outputs]
     correctness, helpfulness = judges
@@ -131,4 +144,5 @@ def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_t
         helpful=statistics.fmean(v.score for v in h) if h else 0.0,
         tokens_per_response=statistics.fmean(len(o.outputs[0].token_ids) for o in outputs)
         if outputs else 0.0,
-        ttft_ms=1e3 * statistics.median(ttfts) if ttfts else 0.0, responses=texts)
+        ttft_ms=1e3 * statistics.median(ttfts) if ttfts else 0.0, responses=texts,
+        tpot_ms=1e3 * statistics.median(tpots) if tpots else 0.0)

@@ -5,19 +5,23 @@ builds a tiny random Qwen3-MoE student, runs RFT on the programmatic teacher's j
 samples (verbose reasoning, sometimes wrong), then GRPO with correctness + helpfulness +
 length-band rewards, and prints the paper's table for the student before training, after
 RFT and after GRPO on held-out prompts (held-out products): correct %, helpful %, tokens
-per response and the engine's time to first token. Everything lands in ``--out``.
+per response, the engine's time to first token, time per output token and full-answer
+latency, and the reference answers' log-likelihood; then the paper's cost table
+(:mod:`.demo_cost`). Everything lands in ``--out`` (:mod:`.demo_report`): results.json,
+results.md (tables and example answers), stages.png, the training plots.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-__all__ = ["DemoSize", "run_demo"]
+__all__ = ["DEMO_SIZES", "DemoSize", "run_demo"]
+
+DEMO_SIZES = ("quick", "default", "large")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -27,7 +31,8 @@ SYSTEM_PROMPT = "Answer the viewer from the product document."
 
 @dataclass(kw_only=True, slots=True)
 class DemoSize:
-    """The knobs that set the demo's cost; ``quick()`` is the CI size."""
+    """The knobs that set the demo's cost. Presets (``preset(name)``): ``quick()`` the CI
+    size (seconds), ``DemoSize()`` the default (minutes on 2 CPU cores), ``large()``."""
 
     products: int = 40
     questions_per_product: int = 6
@@ -44,9 +49,31 @@ class DemoSize:
 
     @classmethod
     def quick(cls) -> "DemoSize":
-        return cls(products=8, questions_per_product=4, hidden=32, layers=2, experts=4,
-                   teacher_k=2, rft_epochs=2, grpo_steps=2, prompts_per_step=2, group_size=4,
-                   max_tokens=48, eval_prompts=6)
+        return cls(products=8, questions_per_product=4, hidden=64, layers=2, experts=4,
+                   teacher_k=4, rft_epochs=30, grpo_steps=8, prompts_per_step=4, group_size=4,
+                   max_tokens=160, eval_prompts=8)
+
+    @classmethod
+    def large(cls) -> "DemoSize":
+        """The default scaled for a 16-core machine or a GPU (about 10 minutes): 4× the
+        products, 2× the student's width and depth, 2× the experts, prompts per GRPO step
+        and held-out prompts."""
+        base = cls()
+        return replace(base, products=4 * base.products, hidden=2 * base.hidden,
+                       layers=2 * base.layers, experts=2 * base.experts,
+                       prompts_per_step=2 * base.prompts_per_step,
+                       eval_prompts=2 * base.eval_prompts)
+
+    @classmethod
+    def preset(cls, name: str) -> "DemoSize":
+        """The preset called ``name`` (one of ``DEMO_SIZES``)."""
+        if name not in DEMO_SIZES:
+            raise ValueError(f"size must be one of {', '.join(DEMO_SIZES)}, got {name!r}")
+        return cls() if name == "default" else getattr(cls, name)()
+
+    def name(self) -> str:
+        """The preset this size equals, or "custom"."""
+        return next((n for n in DEMO_SIZES if DemoSize.preset(n) == self), "custom")
 
 
 def build_tokenizer(corpus: Path, out_dir: Path):
@@ -60,7 +87,8 @@ def build_tokenizer(corpus: Path, out_dir: Path):
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(corpus.read_text().splitlines(), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=1024, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:])
@@ -92,24 +120,34 @@ def build_student(tokenizer, size: DemoSize, out_dir: Path, seed: int):
 
 
 def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
-             threads: int | None = None, log=print) -> dict:
-    """Run the whole demo; returns the table rows (also written to ``out/results.json``)."""
+             threads: int | None = None, quiet: bool = False,
+             teacher_active_params: float = 37e9, log=print) -> dict:
+    """Run the whole demo; returns what ``out/results.json`` holds: the size's knobs, the
+    stage rows, the cost tables and the seconds taken. ``quiet``: no progress bars, no
+    banners, no log lines (errors still raise). ``teacher_active_params``: the stand-in
+    teacher's active size in the cost table (default the paper's 37B)."""
     from livethinking.data import load_records
     from livethinking.tasks.livestream import make_demo
-    from livethinking.model import CausalLM
-    from livethinking.train.common import evaluate, make_judges
+    from livethinking.train.common import make_judges
     from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, OptimConfig,
                                            RewardConfig, RFTConfig, RolloutConfig, RunConfig,
                                            TeacherConfig)
+    from livethinking.train.demo_measure import measure_stage
     from livethinking.train.grpo import run_grpo
     from livethinking.train.rft import run_rft
 
     size = size or DemoSize()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    show = not quiet  # progress bars, banners and log lines
+    log = log if show else (lambda *_: None)
     if threads:
         torch.set_num_threads(threads)
     began = time.perf_counter()
+    banner = _Banner(log, total=5)
+    log(f"demo: size {size.name()}: " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
+    banner("data", f"{size.products} products × {size.questions_per_product} questions, a "
+                   f"BPE tokenizer, a random {size.layers}-layer student")
     paths = make_demo(out / "data", num_products=size.products,
                       questions_per_product=size.questions_per_product, seed=seed)
     log(f"demo: data in {paths.out_dir} ({paths.num_train} training, {paths.num_heldout} "
@@ -120,21 +158,23 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     judges = make_judges(JudgeConfig())
 
     def measure(path: Path, label: str) -> dict:
-        model = CausalLM.from_pretrained(path)
-        result = evaluate(model, tokenizer, heldout, judges, max_tokens=size.max_tokens,
-                          system_prompt=SYSTEM_PROMPT)
-        row = {"model": label, **result.as_dict()}
-        log(f"demo: {label}: {row}")
+        row = measure_stage(path, label, tokenizer, heldout, judges, max_tokens=size.max_tokens,
+                            system_prompt=SYSTEM_PROMPT, examples=3, progress=show)
+        log(f"demo: {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                           if isinstance(v, float)))
         return row
 
+    banner("before training", f"evaluate the random student on {len(heldout)} held-out prompts")
     rows = [measure(student, "student before training")]
-    quiet = RunConfig(seed=seed, progress=False, tensorboard=False)
+    base_run = RunConfig(seed=seed, progress=show, tensorboard=False)
     rft = RFTConfig(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM_PROMPT,
                     teacher=TeacherConfig(kind="demo", k=size.teacher_k, min_filler=0,
                                           max_filler=10),
                     epochs=size.rft_epochs, row_tokens=512, rows_per_step=4,
                     optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0),
-                    run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "rft")}))
+                    run=RunConfig(**{**_fields(base_run), "output_dir": str(out / "rft")}))
+    banner("RFT", f"{size.teacher_k} teacher samples per training prompt, judged; SFT on the "
+                  f"accepted for {size.rft_epochs} epochs; then evaluate")
     rft_model = run_rft(rft, log=log)
     rows.append(measure(rft_model, "after RFT"))
     grpo = GRPOConfig(model=str(rft_model), train_data=str(paths.train),
@@ -147,27 +187,78 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                                           length_needs_correct=True),
                       loss=LossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.02),
                       optim=OptimConfig(lr=6e-4, warmup_steps=0, min_lr_ratio=1.0),
-                      run=RunConfig(**{**_fields(quiet), "output_dir": str(out / "grpo")}))
+                      run=RunConfig(**{**_fields(base_run), "output_dir": str(out / "grpo")}))
+    banner("GRPO", f"{size.grpo_steps} steps × {size.prompts_per_step} prompts × "
+                   f"{size.group_size} samples, correctness + helpfulness + length rewards; "
+                   f"then evaluate")
     grpo_model = run_grpo(grpo, log=log)
     rows.append(measure(grpo_model, "after GRPO"))
+    banner("report", f"results.md, results.json, stages.png in {out}")
+    return _report(out, size, rows, rft, tokenizer, heldout, student, teacher_active_params,
+                   began, log)
+
+
+class _Banner:
+    """Prints "[i/total] name: what" for each stage (through ``log``)."""
+
+    def __init__(self, log, total: int) -> None:
+        self.log, self.total, self.index = log, total, 0
+
+    def __call__(self, name: str, what: str) -> None:
+        self.index += 1
+        self.log(f"[{self.index}/{self.total}] {name}: {what}")
+
+
+def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout, student,
+            teacher_active_params: float, began: float, log) -> dict:
+    """The cost tables, then results.json / results.md / stages.png; returns the results."""
+    from livethinking.data import load_records
+    from livethinking.model import ModelConfig
+    from livethinking.train.common import response_ids
+    from livethinking.train.demo_cost import (cost_table, format_cost_table, model_cost,
+                                              paper_student, paper_teacher)
+    from livethinking.train.demo_measure import mean_prompt_tokens
+    from livethinking.train.demo_report import format_table, write_report
+    from livethinking.train.teacher import teacher_responses
+
+    records = load_records(rft.train_data).items
+    samples = [t for texts in teacher_responses(rft.teacher, records, seed=rft.run.seed).values()
+               for t in texts]  # the programmatic teacher is deterministic: RFT's samples
+    teacher_tokens = sum(len(response_ids(tokenizer, t)) for t in samples) / max(1, len(samples))
+    prompt_tokens = mean_prompt_tokens(tokenizer, heldout, SYSTEM_PROMPT)
+    stage_tokens = {r["model"]: r["tokens_per_response"] for r in rows}
+    student_config = ModelConfig.from_dict(_read_json(Path(student) / "config.json"))
+    paper = cost_table("Paper scale: the paper's teacher stand-in and Qwen3-30B-A3B, at the "
+                       "demo's measured tokens", (paper_teacher(teacher_active_params),
+                                                   teacher_tokens),
+                       model_cost("Qwen3-30B-A3B", paper_student()), stage_tokens, prompt_tokens)
+    demo = cost_table("Demo scale: the tiny student's real size (the programmatic teacher has "
+                      "no parameters)", None, model_cost("demo student", student_config),
+                      stage_tokens, prompt_tokens)
+    cost_markdown = "\n\n".join(format_cost_table(t, prompt_tokens) for t in (paper, demo))
     elapsed = time.perf_counter() - began
-    table = format_table(rows)
-    log("\n" + table + f"\n(held-out prompts: {len(heldout)}; total time {elapsed:.0f} s; plots "
-        f"in {out / 'rft' / 'plots'} and {out / 'grpo' / 'plots'})")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": elapsed}, indent=2))
-    (out / "results.md").write_text(table + "\n")
-    return {"rows": rows, "seconds": elapsed}
+    notes = [f"Size `{size.name()}`: " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()),
+             f"Held-out prompts: {len(heldout)} (products never seen in training); total time "
+             f"{elapsed:.0f} s; teacher: {len(samples)} samples, {teacher_tokens:.1f} tokens "
+             "per answer."]
+    results = {"size": {"name": size.name(), **asdict(size)}, "rows": rows,
+               "teacher_tokens_per_answer": teacher_tokens, "prompt_tokens": prompt_tokens,
+               "cost": {"paper_scale": paper.as_dict(), "demo_scale": demo.as_dict()},
+               "seconds": elapsed}
+    written = write_report(out, results, cost_markdown, notes)
+    log("\n" + format_table(rows) + "\n\n" + cost_markdown + "\n\n" + "\n".join(notes) +
+        f"\nwritten: {', '.join(str(p) for p in written)}; training plots in "
+        f"{out / 'rft' / 'plots'} and {out / 'grpo' / 'plots'}")
+    return results
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
 
 
 def _fields(run) -> dict:
     from livethinking.train.config_io import config_to_dict
 
     return config_to_dict(run)
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["| model | correct | helpful | tokens / response | TTFT |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {100 * r['correct']:.1f}% | {100 * r['helpful']:.1f}% | "
-                     f"{r['tokens_per_response']:.1f} | {r['ttft_ms']:.1f} ms |")
-    return "\n".join(lines)

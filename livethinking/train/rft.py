@@ -41,7 +41,8 @@ def _accepted(config: RFTConfig, records, out: Path, reuse: bool):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [(by_id[r["id"]], r["response"]) for r in rows], {"reused": len(rows)}
     responses = teacher_responses(config.teacher, records, seed=config.run.seed,
-                                  system_prompt=config.system_prompt)
+                                  system_prompt=config.system_prompt,
+                                  progress=config.run.progress)
     kept, stats = accept_samples(records, responses, make_judges(config.judge),
                                  helpful_threshold=config.helpful_threshold)
     write_text_atomic(path, "".join(json.dumps({"id": r.id, "response": text}) + "\n"

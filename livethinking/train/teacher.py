@@ -15,8 +15,10 @@ __all__ = ["accept_samples", "teacher_responses"]
 
 
 def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *, seed: int,
-                      system_prompt: str | None = None) -> dict[str, list[str]]:
-    """record id -> the teacher's responses (up to k)."""
+                      system_prompt: str | None = None,
+                      progress: bool = False) -> dict[str, list[str]]:
+    """record id -> the teacher's responses (up to k); ``progress``: a bar over the prompts
+    (with ETA) for the demo and OpenAI-endpoint teachers."""
     if config.kind == "jsonl":
         by_id: dict[str, list[str]] = defaultdict(list)
         for sample in load_teacher_samples(config.path).items:
@@ -27,10 +29,19 @@ def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *,
 
         teacher = DemoTeacher(seed=seed, error_rate=config.error_rate,
                               min_filler=config.min_filler, max_filler=config.max_filler)
-        return {r.id: teacher.respond(r, config.k) for r in records}
+        return {r.id: teacher.respond(r, config.k) for r in _bar(records, progress)}
     if config.kind == "engine":
         return _engine_responses(config, records, seed, system_prompt)
-    return _openai_responses(config, records, seed, system_prompt)
+    return _openai_responses(config, records, seed, system_prompt, progress)
+
+
+def _bar(items, enabled: bool, total: int | None = None):
+    """``items``, behind a tqdm bar labelled "teacher" when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc="teacher", unit="prompt", dynamic_ncols=True)
 
 
 def _engine_responses(config, records, seed, system_prompt):
@@ -45,7 +56,7 @@ def _engine_responses(config, records, seed, system_prompt):
     return {r.id: [c.text for c in o.outputs] for r, o in zip(records, outputs)}
 
 
-def _openai_responses(config, records, seed, system_prompt):
+def _openai_responses(config, records, seed, system_prompt, progress=False):
     import openai
 
     from livethinking.model.prompt import build_messages
@@ -63,7 +74,7 @@ def _openai_responses(config, records, seed, system_prompt):
         return record.id, [c.message.content or "" for c in reply.choices]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(pool.map(ask, enumerate(records)))
+        return dict(_bar(pool.map(ask, enumerate(records)), progress, total=len(records)))
 
 
 def accept_samples(records, responses: dict[str, list[str]], judges, *,

@@ -1,0 +1,88 @@
+"""What the demo measures of each stage's student on the held-out prompts: the judged
+greedy answers, TTFT and TPOT through the engine (``evaluate``), full-answer latency, and
+the token-level log-likelihood of the reference answers.
+
+    reference log-likelihood = Σ_records Σ_t log p(ref_t | prompt, ref_<t) / Σ_records |ref|
+
+over the reference tokens followed by end-of-sequence (what the model must emit), scored
+with ``fused_linear_logprobs`` on the model's final hidden states (no N × V logits kept).
+    full-answer latency = TTFT + tokens per response × TPOT
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from livethinking import ops
+from livethinking.train.common import evaluate, prompt_ids, response_ids
+
+__all__ = ["measure_stage", "mean_prompt_tokens", "reference_log_likelihood"]
+
+
+@torch.no_grad()
+def reference_log_likelihood(model, tokenizer, records, *, system_prompt: str | None,
+                             progress=None) -> float:
+    """Mean log-prob per reference token (records without a reference are skipped);
+    ``progress``: a tqdm bar to advance by one per record."""
+    was_training = model.training
+    model.eval()
+    total_logp, total_tokens = 0.0, 0
+    for record in records:
+        if record.reference is not None:
+            prompt = prompt_ids(tokenizer, record, system_prompt)
+            answer = response_ids(tokenizer, record.reference)
+            ids = torch.tensor(prompt + answer, dtype=torch.long)  # (T,)
+            targets = ids[len(prompt):]  # (n,): the reference tokens and eos
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            mask[len(prompt) - 1:-1] = True  # positions that predict the reference tokens
+
+            def head(hidden, weight):  # hidden (1, T, H) -> (n,) log-probs
+                return ops.fused_linear_logprobs(hidden[0][mask], weight, targets)
+
+            logp = model.forward_hidden(ids[None], head=head, token_mask=mask[None]).head_output
+            total_logp += float(logp.sum())
+            total_tokens += len(targets)
+        if progress is not None:
+            progress.update(1)
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no held-out record has a reference answer to score")
+    return total_logp / total_tokens
+
+
+def mean_prompt_tokens(tokenizer, records, system_prompt: str | None) -> float:
+    """Mean prompt length in tokens (the P of the cost formula)."""
+    return statistics.fmean(len(prompt_ids(tokenizer, r, system_prompt)) for r in records)
+
+
+def measure_stage(path, label: str, tokenizer, records, judges, *, max_tokens: int,
+                  system_prompt: str | None, examples: int, progress: bool) -> dict:
+    """One stage's row: correct, helpful, tokens_per_response, ttft_ms, tpot_ms,
+    latency_ms, reference_log_likelihood, and the first ``examples`` answers."""
+    from livethinking.model import CausalLM
+
+    model = CausalLM.from_pretrained(path)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * len(records), desc=f"evaluate ({label})", unit="answer",
+                   dynamic_ncols=True)
+    try:
+        result = evaluate(model, tokenizer, records, judges, max_tokens=max_tokens,
+                          system_prompt=system_prompt)
+        if bar is not None:
+            bar.update(len(records))  # answered, judged, TTFT/TPOT probed
+        log_likelihood = reference_log_likelihood(model, tokenizer, records,
+                                                  system_prompt=system_prompt, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    row = {"model": label, **result.as_dict()}
+    row["latency_ms"] = row["ttft_ms"] + row["tokens_per_response"] * row["tpot_ms"]
+    row["reference_log_likelihood"] = log_likelihood
+    row["examples"] = [{"question": r.question, "answer": text}
+                       for r, text in zip(records[:examples], result.responses)]
+    return row
