@@ -138,6 +138,7 @@ def test_report_files(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == {"rows": rows}
     text = (tmp_path / "results.md").read_text()
     assert text.count("What colour?") == 1 and "COST" in text and "a note" in text
+    assert "```text\n<think>" + "x" * 8 + "</think> Red.\n```" in text  # fenced: tags stay text
     assert text.index("**student before training**") < text.index("**after GRPO**")
     assert "| after RFT | 50.0% | 50.0% | 20.0 | 2.0 ms | 1.00 ms | 22 ms | -1.000 |" in text
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries

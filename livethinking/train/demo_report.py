@@ -32,15 +32,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_examples(rows: list[dict]) -> str:
-    """Markdown: each held-out question once, then every stage's answer to it."""
+    """Markdown: each held-out question once, then every stage's answer to it in a fenced
+    block (so ``<think>`` shows as text)."""
     count = min(len(r["examples"]) for r in rows) if rows else 0
     parts = []
     for i in range(count):
         parts.append(f"### Example {i + 1}: {rows[0]['examples'][i]['question']}\n")
         for r in rows:
-            answer = r["examples"][i]["answer"].strip() or "(empty)"
-            quoted = "\n".join(f"> {line}" for line in answer.splitlines())
-            parts.append(f"**{r['model']}** ({len(answer)} characters):\n\n{quoted}\n")
+            answer = r["examples"][i]["answer"].strip()
+            shown = answer.replace("```", "` ` `") or "(no visible text: special tokens only)"
+            parts.append(f"**{r['model']}** ({len(answer)} characters):\n\n```text\n{shown}\n"
+                         "```\n")
     return "\n".join(parts)
 
 
