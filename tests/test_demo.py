@@ -7,19 +7,36 @@ import pathlib
 from dataclasses import asdict
 
 import pytest
+from transformers import AutoTokenizer
 
 from livethinking.cli import main
+from livethinking.data import load_records
 from livethinking.train import DemoSize, GRPOConfig, RFTConfig, load_config
-from livethinking.train.demo_cost import (CostModel, active_parameters, answer_flops,
-                                          cost_table, model_cost, paper_student, paper_teacher)
+from livethinking.train.common import make_judges
+from livethinking.train.config import JudgeConfig
 from livethinking.train.demo import SYSTEM_PROMPT
+from livethinking.train.demo_cost import (CostModel, active_parameters, answer_flops,
+                                          cost_table, format_cost_table, model_cost,
+                                          paper_student, paper_teacher)
+from livethinking.train.demo_measure import measure_stage
 from livethinking.train.demo_report import write_report
 
 LABELS = ["student before training", "after RFT", "after GRPO"]
 ASSERTED = ("reference_log_likelihood", "tokens_per_response", "correct", "helpful")
 
 
-def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, capfd):
+@pytest.fixture
+def torch_threads():
+    """The demo's --threads sets torch's process-wide thread count: put it back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, capfd,
+                                                                   torch_threads):
     assert main(["demo", "--size", "quick", "--threads", "1", "--out", str(tmp_path / "a")]) == 0
     out, err = capfd.readouterr()
     assert "[1/5] data:" in out and "[3/5] RFT:" in out and "[5/5] report:" in out
@@ -46,16 +63,11 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
     assert results["cost"]["demo_scale"]["distillation"] is None
 
     # the asserted numbers are deterministic: the saved models measured again give the same
-    from livethinking.train.demo_measure import measure_stage
-    from livethinking.train.common import make_judges
-    from livethinking.train.config import JudgeConfig
-    from livethinking.data import load_records
-    from transformers import AutoTokenizer
-
     run = tmp_path / "a"
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     heldout = load_records(run / "data" / "heldout.jsonl").items[:DemoSize.quick().eval_prompts]
-    for label, path in (("after RFT", run / "rft" / "final"), ("after GRPO", run / "grpo" / "final")):
+    for label, path in (("after RFT", run / "rft" / "final"),
+                        ("after GRPO", run / "grpo" / "final")):
         again = measure_stage(path, label, tokenizer, heldout, make_judges(JudgeConfig()),
                               max_tokens=DemoSize.quick().max_tokens,
                               system_prompt=SYSTEM_PROMPT, examples=3, progress=False)
@@ -72,7 +84,7 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
     assert any((tmp_path / "a" / "grpo" / "plots").glob("*.png"))
 
 
-def test_demo_quiet_prints_nothing(tmp_path, capfd):
+def test_demo_quiet_prints_nothing(tmp_path, capfd, torch_threads):
     from livethinking.train import run_demo
 
     tiny = DemoSize(products=5, questions_per_product=2, hidden=16, layers=1, experts=2,
@@ -114,11 +126,15 @@ def test_answer_flops_and_the_factors():
     student = CostModel(name="student", active_params=3_000, layers=1, d_qk=0, d_v=0)
     table = cost_table("t", (teacher, 396.0), student,
                        {"after RFT": 396.0, "after GRPO": 152.0}, prompt_tokens=0)
-    assert table.distillation == pytest.approx(37 / 3)
+    assert table.distillation == pytest.approx(37 / 3) == table.distillation_params
     assert table.shorter_reasoning == pytest.approx(396 / 152)
     assert table.shorter_reasoning_tokens == pytest.approx(396 / 152)
     assert table.total == pytest.approx(37 / 3 * 396 / 152)  # the paper's 12× × 2.5× ≈ 30×
     assert [r["model"] for r in table.rows] == ["teacher", "after RFT", "after GRPO"]
+    text = format_cost_table(table, prompt_tokens=0)
+    assert "distillation (teacher ÷ after RFT) 12.3× (active params 12.3×)" in text
+    assert "shorter reasoning (after RFT ÷ after GRPO) 2.61×" in text
+    assert "total (teacher ÷ after GRPO) 32.1×" in text and "2 · N_active · n" in text
     with pytest.raises(ValueError, match="after GRPO"):
         cost_table("t", None, student, {"after RFT": 1.0}, prompt_tokens=0)
     assert model_cost("q", paper_student()).d_qk == 32 * 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_t
     request at a time (up to 8 probes of ``probe_tokens`` tokens, end-of-sequence ignored)
     so they are the latency a single viewer sees: TTFT = first token − arrival, TPOT =
     (last token − first token) / (tokens − 1), medians over the probes."""
-    import time
-
     from livethinking.engine import LLM, SamplingParams
 
     was_training = model.training

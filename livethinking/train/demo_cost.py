@@ -108,13 +108,14 @@ def answer_flops(model: CostModel, answer_tokens: float, prompt_tokens: float) -
 @dataclass(kw_only=True, slots=True)
 class CostTable:
     """Per model: active parameters, tokens per answer, FLOPs per answer; and the factors:
-    distillation = C(teacher) / C(after RFT), shorter reasoning = C(after RFT) /
-    C(after GRPO) (with the token ratio n(RFT) / n(GRPO) beside it), total = their
-    product = C(teacher) / C(after GRPO)."""
+    distillation = C(teacher) / C(after RFT) (with the active-parameter ratio beside it),
+    shorter reasoning = C(after RFT) / C(after GRPO) (with the token ratio n(RFT) / n(GRPO)
+    beside it), total = their product = C(teacher) / C(after GRPO)."""
 
     title: str
     rows: list[dict]
     distillation: float | None
+    distillation_params: float | None
     shorter_reasoning: float
     shorter_reasoning_tokens: float
     total: float | None
@@ -138,9 +139,12 @@ def cost_table(title: str, teacher: tuple[CostModel, float] | None, student: Cos
     flops = {r["model"]: r["flops"] for r in rows}
     rft, grpo = flops["after RFT"], flops["after GRPO"]
     distillation = flops[teacher[0].name] / rft if teacher else None
+    params_ratio = teacher[0].active_params / student.active_params if teacher else None
     shorter = rft / grpo
-    return CostTable(title=title, rows=rows, distillation=distillation, shorter_reasoning=shorter,
-                     shorter_reasoning_tokens=stage_tokens["after RFT"] / stage_tokens["after GRPO"],
+    tokens_ratio = stage_tokens["after RFT"] / stage_tokens["after GRPO"]
+    return CostTable(title=title, rows=rows, distillation=distillation,
+                     distillation_params=params_ratio, shorter_reasoning=shorter,
+                     shorter_reasoning_tokens=tokens_ratio,
                      total=distillation * shorter if teacher else None)
 
 
@@ -154,7 +158,8 @@ def format_cost_table(table: CostTable, prompt_tokens: float) -> str:
     lines.append("")
     factors = []
     if table.distillation is not None:
-        factors.append(f"distillation (teacher ÷ after RFT) {table.distillation:.1f}×")
+        factors.append(f"distillation (teacher ÷ after RFT) {table.distillation:.1f}× "
+                       f"(active params {table.distillation_params:.1f}×)")
     factors.append(f"shorter reasoning (after RFT ÷ after GRPO) {table.shorter_reasoning:.2f}× "
                    f"(tokens {table.shorter_reasoning_tokens:.2f}×)")
     if table.total is not None:
