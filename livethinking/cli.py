@@ -60,8 +60,13 @@ def _data_make_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from livethinking.train import DemoSize, run_demo
 
-    run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed, threads=args.threads,
-             quiet=args.quiet, teacher_active_params=args.teacher_active_params)
+    try:
+        run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed,
+                 threads=args.threads, quiet=args.quiet,
+                 teacher_active_params=args.teacher_active_params)
+    except (OSError, ValueError) as e:  # an unusable --out, a bad setting: one line, no traceback
+        print(f"livethinking demo: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

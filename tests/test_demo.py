@@ -181,6 +181,15 @@ def test_demo_command_errors(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_demo_unusable_out_is_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    assert main(["demo", "--size", "quick", "--quiet", "--out", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("livethinking demo: error: ") and "Traceback" not in err
+    assert str(taken) in err
+
+
 def test_teacher_progress_bar(demo_setup, capsys):
     from livethinking.data import load_records
     from livethinking.train.config import TeacherConfig
