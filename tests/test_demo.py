@@ -54,8 +54,8 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
         assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0
         assert row["latency_ms"] == pytest.approx(
             row["ttft_ms"] + row["tokens_per_response"] * row["tpot_ms"])
-        assert [e["question"] for e in row["examples"]] == \
-            [e["question"] for e in before["examples"]]
+        assert [e["id"] for e in row["examples"]] == [e["id"] for e in before["examples"]]
+    assert len({e["id"] for e in before["examples"]}) == 3
     assert results["size"] == {"name": "quick", **asdict(DemoSize.quick())}
     paper = results["cost"]["paper_scale"]
     assert paper["rows"][0]["active_params"] == 37_000_000_000

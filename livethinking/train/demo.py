@@ -13,6 +13,7 @@ results.md (tables and example answers), stages.png, the training plots.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -227,7 +228,7 @@ def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout
     teacher_tokens = sum(len(response_ids(tokenizer, t)) for t in samples) / max(1, len(samples))
     prompt_tokens = mean_prompt_tokens(tokenizer, heldout, SYSTEM_PROMPT)
     stage_tokens = {r["model"]: r["tokens_per_response"] for r in rows}
-    student_config = ModelConfig.from_dict(_read_json(Path(student) / "config.json"))
+    student_config = ModelConfig.from_dict(json.loads((Path(student) / "config.json").read_text()))
     paper = cost_table("Paper scale: the paper's teacher stand-in and Qwen3-30B-A3B, at the "
                        "demo's measured tokens", (paper_teacher(teacher_active_params),
                                                    teacher_tokens),
@@ -250,12 +251,6 @@ def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout
         f"\nwritten: {', '.join(str(p) for p in written)}; training plots in "
         f"{out / 'rft' / 'plots'} and {out / 'grpo' / 'plots'}")
     return results
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _fields(run) -> dict:

@@ -60,7 +60,8 @@ def mean_prompt_tokens(tokenizer, records, system_prompt: str | None) -> float:
 def measure_stage(path, label: str, tokenizer, records, judges, *, max_tokens: int,
                   system_prompt: str | None, examples: int, progress: bool) -> dict:
     """One stage's row: correct, helpful, tokens_per_response, ttft_ms, tpot_ms,
-    latency_ms, reference_log_likelihood, and the first ``examples`` answers."""
+    latency_ms, reference_log_likelihood, and ``examples`` answers spread evenly over the
+    records (the same records for every stage)."""
     from livethinking.model import CausalLM
 
     model = CausalLM.from_pretrained(path)
@@ -83,6 +84,7 @@ def measure_stage(path, label: str, tokenizer, records, judges, *, max_tokens: i
     row = {"model": label, **result.as_dict()}
     row["latency_ms"] = row["ttft_ms"] + row["tokens_per_response"] * row["tpot_ms"]
     row["reference_log_likelihood"] = log_likelihood
-    row["examples"] = [{"question": r.question, "answer": text}
-                       for r, text in zip(records[:examples], result.responses)]
+    picks = sorted({i * len(records) // examples for i in range(examples)}) if examples else []
+    row["examples"] = [{"id": records[i].id, "question": records[i].question,
+                        "answer": result.responses[i]} for i in picks]
     return row

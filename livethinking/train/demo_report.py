@@ -40,7 +40,7 @@ def format_examples(rows: list[dict]) -> str:
         parts.append(f"### Example {i + 1}: {rows[0]['examples'][i]['question']}\n")
         for r in rows:
             answer = r["examples"][i]["answer"].strip()
-            shown = answer.replace("```", "` ` `") or "(no visible text: special tokens only)"
+            shown = answer.replace("```", "` ` `") or "(no visible text)"
             parts.append(f"**{r['model']}** ({len(answer)} characters):\n\n```text\n{shown}\n"
                          "```\n")
     return "\n".join(parts)
