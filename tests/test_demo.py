@@ -47,7 +47,7 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
     assert [r["model"] for r in results["rows"]] == LABELS
     before, rft, grpo = (rows[label] for label in LABELS)
     # RFT teaches the reference answers; GRPO's length reward shortens the answers
-    assert rft["reference_log_likelihood"] > before["reference_log_likelihood"] + 0.1
+    assert rft["reference_log_likelihood"] > before["reference_log_likelihood"] + 1.0
     assert grpo["tokens_per_response"] < rft["tokens_per_response"]
     for row in results["rows"]:
         assert 0.0 <= row["correct"] <= 1.0 and 0.0 <= row["helpful"] <= 1.0
@@ -188,6 +188,31 @@ def test_demo_unusable_out_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("livethinking demo: error: ") and "Traceback" not in err
     assert str(taken) in err
+
+
+def test_reference_log_likelihood_matches_a_plain_forward(demo_setup):
+    import torch
+
+    from livethinking.model import CausalLM
+    from livethinking.train.common import prompt_ids
+    from livethinking.train.demo_measure import reference_log_likelihood
+
+    paths, tokenizer, student = demo_setup
+    records = load_records(paths.heldout).items[:3]
+    model = CausalLM.from_pretrained(student)
+    total, count = 0.0, 0
+    for r in records:  # log_softmax of the full logits, the reference after "<think></think>"
+        prompt = prompt_ids(tokenizer, r, SYSTEM_PROMPT) + tokenizer.encode(
+            "<think></think>", add_special_tokens=False)
+        answer = tokenizer.encode(" " + r.reference, add_special_tokens=False) + \
+            [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0].double(), -1)  # (T, V)
+        total += sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        count += len(answer)
+    assert reference_log_likelihood(model, tokenizer, records, system_prompt=SYSTEM_PROMPT) == \
+        pytest.approx(total / count, abs=1e-4)
 
 
 def test_teacher_progress_bar(demo_setup, capsys):

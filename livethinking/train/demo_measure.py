@@ -2,10 +2,15 @@
 greedy answers, TTFT and TPOT through the engine (``evaluate``), full-answer latency, and
 the token-level log-likelihood of the reference answers.
 
-    reference log-likelihood = Σ_records Σ_t log p(ref_t | prompt, ref_<t) / Σ_records |ref|
+    reference log-likelihood = Σ_records Σ_t log p(ref_t | prompt, <think></think>, ref_<t)
+                               / Σ_records |ref|
 
-over the reference tokens followed by end-of-sequence (what the model must emit), scored
-with ``fused_linear_logprobs`` on the model's final hidden states (no N × V logits kept).
+over the reference answer's tokens followed by end-of-sequence, scored as the answer part
+of the response format ``"<think>R</think> A"`` with an empty reasoning R (the
+``<think></think>`` tokens are context, not scored: the reference has no reasoning, and
+scoring its first word against the trained ``<think>`` would measure the format, not the
+answer), with ``fused_linear_logprobs`` on the model's final hidden states (no N × V
+logits kept).
     full-answer latency = TTFT + tokens per response × TPOT
 """
 
@@ -20,19 +25,27 @@ from livethinking.train.common import evaluate, prompt_ids, response_ids
 
 __all__ = ["measure_stage", "mean_prompt_tokens", "reference_log_likelihood"]
 
+EMPTY_REASONING = "<think></think>"
+
 
 @torch.no_grad()
 def reference_log_likelihood(model, tokenizer, records, *, system_prompt: str | None,
                              progress=None) -> float:
-    """Mean log-prob per reference token (records without a reference are skipped);
-    ``progress``: a tqdm bar to advance by one per record."""
+    """Mean log-prob per reference-answer token after an empty reasoning block (records
+    without a reference are skipped); ``progress``: a tqdm bar to advance by one per
+    record."""
     was_training = model.training
     model.eval()
+    empty_reasoning = tokenizer.encode(EMPTY_REASONING, add_special_tokens=False)
     total_logp, total_tokens = 0.0, 0
     for record in records:
         if record.reference is not None:
-            prompt = prompt_ids(tokenizer, record, system_prompt)
-            answer = response_ids(tokenizer, record.reference)
+            response = response_ids(tokenizer, f"{EMPTY_REASONING} {record.reference}")
+            if response[:len(empty_reasoning)] != empty_reasoning:
+                raise ValueError(f"the tokenizer does not split {EMPTY_REASONING!r} from the "
+                                 "answer: <think> and </think> must be single tokens")
+            prompt = prompt_ids(tokenizer, record, system_prompt) + empty_reasoning
+            answer = response[len(empty_reasoning):]
             ids = torch.tensor(prompt + answer, dtype=torch.long)  # (T,)
             targets = ids[len(prompt):]  # (n,): the reference tokens and eos
             mask = torch.zeros(len(ids), dtype=torch.bool)
