@@ -12,7 +12,8 @@ from livethinking.tasks.livestream import (ATTRIBUTES, QUESTION_KEYWORDS, REFUSA
                                            AttributeKeywords, DemoTeacher, Product,
                                            asked_attribute, format_product_doc, make_demo,
                                            parse_product_doc, split_response)
-from livethinking.tasks.livestream.demo_data import NAME_PREFIXES, QUESTION_TEMPLATES
+from livethinking.tasks.livestream.demo_data import (NAME_PREFIXES, QUESTION_TEMPLATES,
+                                                     load_pretraining_texts)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_make_demo_is_deterministic(tmp_path, demo):
     paths, train, heldout = demo
     again = make_demo(tmp_path / "again", seed=3)
     other = make_demo(tmp_path / "other", seed=4)
-    names = ["catalogue.json", "train.jsonl", "heldout.jsonl", "corpus.txt"]
+    names = ["catalogue.json", "train.jsonl", "heldout.jsonl", "corpus.txt", "pretrain.jsonl"]
     for name in names:
         assert (paths.out_dir / name).read_bytes() == (again.out_dir / name).read_bytes()
     assert (paths.train.read_bytes() != other.train.read_bytes())
@@ -99,6 +100,33 @@ def test_heldout_products_are_unseen(demo):
     assert {split_of[r.id.split("-")[0]] for r in heldout} == {"heldout"}
     with pytest.raises(ValueError, match="heldout_fraction"):
         make_demo(paths.out_dir / "x", num_products=1, heldout_fraction=0.5)
+
+
+def test_pretraining_texts_hold_training_products_only(demo, tmp_path):
+    paths, train, heldout = demo
+    texts = load_pretraining_texts(paths.pretrain)
+    catalogue = json.loads(paths.catalogue.read_text())["products"]
+    by_doc = {format_product_doc(Product(id=p["id"], name=p["name"], category=p["category"],
+                                         attributes=p["attributes"])): p for p in catalogue}
+    docs = [text.split("\nQ: ")[0] for text in texts]
+    assert sorted(by_doc[d]["id"] for d in docs) == sorted(
+        p["id"] for p in catalogue if p["split"] == "train")  # each training product once
+    assert not set(docs) & {r.product_doc for r in heldout}
+    for doc, text in zip(docs, texts):
+        fields = parse_product_doc(doc)
+        pairs = text.split("\nQ: ")[1:]
+        asked = [asked_attribute(pair.split("\nA: ")[0]) for pair in pairs]
+        listed = [a for a in asked if a in fields]
+        assert sorted(listed) == sorted(by_doc[doc]["attributes"])  # every attribute once
+        for attr, pair in zip(asked, pairs):
+            answer = pair.split("\nA: ")[1]
+            if attr in fields:
+                assert fields[attr] in answer
+            else:
+                assert any(m in answer for m in REFUSAL_MARKERS)
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_pretraining_texts(tmp_path / "bad.jsonl")
 
 
 def test_references_match_documents(demo):
@@ -183,7 +211,7 @@ def test_cli_make_demo(tmp_path, capsys):
                      "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"catalogue.json", "train.jsonl",
-                                               "heldout.jsonl", "corpus.txt"}
+                                               "heldout.jsonl", "corpus.txt", "pretrain.jsonl"}
     assert len(load_records(out / "train.jsonl").items) == 5 * 8
     assert "Let me check the product document." in (out / "corpus.txt").read_text()
     assert cli_main(["data", "make-demo", "--out", str(out), "--products", "0"]) == 2

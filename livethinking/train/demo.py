@@ -47,12 +47,13 @@ class DemoSize:
     group_size: int = 8
     max_tokens: int = 160
     eval_prompts: int = 48
+    pretrain_epochs: int = 4  # 0: no pre-training pass (demo_pretrain.py)
 
     @classmethod
     def quick(cls) -> "DemoSize":
         return cls(products=8, questions_per_product=4, hidden=64, layers=2, experts=4,
                    teacher_k=4, rft_epochs=30, grpo_steps=8, prompts_per_step=4, group_size=4,
-                   max_tokens=160, eval_prompts=8)
+                   max_tokens=160, eval_prompts=8, pretrain_epochs=0)
 
     @classmethod
     def large(cls) -> "DemoSize":
@@ -77,15 +78,24 @@ class DemoSize:
         return next((n for n in DEMO_SIZES if DemoSize.preset(n) == self), "custom")
 
 
+# GPT-2's pre-tokenizer regex with "word:" kept whole, so a document's "color:" is one token
+# and copying its value is a one-token lookup (what lets the tiny student learn to read).
+_KEY_PRETOKENS = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+:?| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|"
+                  r"\s+")
+
+
 def build_tokenizer(corpus: Path, out_dir: Path):
     """Byte-level BPE trained on the demo corpus (exact text round trip), ChatML template,
-    <think> and </think> as single ordinary tokens, eos = <|im_end|>."""
+    <think> and </think> as single ordinary tokens, eos = <|im_end|>; a ``word:`` (a
+    document's key) is one pre-token."""
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.pre_tokenizer = pre_tokenizers.Sequence([  # GPT-2's split, but "key:" stays one piece
+        pre_tokenizers.Split(Regex(_KEY_PRETOKENS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(corpus.read_text().splitlines(), trainers.BpeTrainer(
         vocab_size=1024, special_tokens=specials, show_progress=False,
@@ -133,7 +143,9 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, OptimConfig,
                                            RewardConfig, RFTConfig, RolloutConfig, RunConfig,
                                            TeacherConfig)
+    from livethinking.tasks.livestream.demo_data import load_pretraining_texts
     from livethinking.train.demo_measure import measure_stage
+    from livethinking.train.demo_pretrain import PretrainConfig, pretrain_student
     from livethinking.train.grpo import run_grpo
     from livethinking.train.rft import run_rft
 
@@ -155,6 +167,14 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
         f"held-out prompts)")
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, size, out / "student-init", seed)
+    if size.pretrain_epochs:  # stands in for a real student's pre-training (demo_pretrain.py)
+        log(f"demo: pre-training the random student on the training catalogue "
+            f"({size.pretrain_epochs} epochs over {paths.pretrain}), standing in for the "
+            f"pre-training a real student arrives with")
+        student = pretrain_student(student, load_pretraining_texts(paths.pretrain),
+                                   out / "student-pretrained",
+                                   PretrainConfig(epochs=size.pretrain_epochs, seed=seed),
+                                   progress=show, log=log)
     heldout = load_records(paths.heldout).items[:size.eval_prompts]
     judges = make_judges(JudgeConfig())
 

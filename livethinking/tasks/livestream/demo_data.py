@@ -3,8 +3,11 @@
 Each product has a name, a category and 5-7 attributes drawn from :data:`ATTRIBUTES`; its
 document is :func:`format_product_doc`'s. About 20% of questions ask for an attribute the
 document does not list; their reference is a polite refusal containing one of
-:data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. Everything is
-deterministic given the seed (``random.Random``; no torch).
+:data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. The
+pre-training corpus (``pretrain.jsonl``, one ``{"text": ...}`` per training product: its
+document, then a ``Q:``/``A:`` pair for every listed attribute and one refusal pair) holds
+training products only. Everything is deterministic given the seed (``random.Random``; no
+torch).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from livethinking.tasks.livestream.domain import (ATTRIBUTES, REFUSAL_MARKERS, P
 
 __all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "OPENERS",
            "QUESTION_TEMPLATES", "REFUSAL_TEMPLATES", "DemoPaths", "answer_sentence",
-           "make_demo", "refusal_sentence"]
+           "load_pretraining_texts", "make_demo", "pretraining_text", "refusal_sentence"]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {  # category -> attributes its products draw from
     "kettle": ("color", "price", "material", "capacity", "power", "warranty", "weight",
@@ -98,6 +101,7 @@ class DemoPaths:
     train: Path
     heldout: Path
     corpus: Path
+    pretrain: Path
     num_train: int
     num_heldout: int
 
@@ -159,6 +163,35 @@ def _records_for(rng: random.Random, product: Product, count: int) -> list[Lives
     return records
 
 
+def pretraining_text(rng: random.Random, product: Product) -> str:
+    """``product``'s document, then ``Q: question`` / ``A: answer`` lines for every listed
+    attribute (shuffled) and, when the document leaves one out, one refusal pair."""
+    listed = list(product.attributes)
+    rng.shuffle(listed)
+    lines = [format_product_doc(product)]
+    for attr in listed:
+        lines += [f"Q: {_question(rng, attr, product.name)}",
+                  f"A: {answer_sentence(attr, product.attributes[attr])}"]
+    missing = [a for a in ATTRIBUTES if a not in product.attributes]
+    if missing:
+        attr = rng.choice(missing)
+        lines += [f"Q: {_question(rng, attr, product.name)}",
+                  f"A: {refusal_sentence(rng, attr, product.name)}"]
+    return "\n".join(lines)
+
+
+def load_pretraining_texts(path: str | Path) -> list[str]:
+    """The texts of a ``pretrain.jsonl`` written by :func:`make_demo`."""
+    texts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{number}: expected {{\"text\": str}}, got {line[:80]!r}")
+            texts.append(row["text"])
+    return texts
+
+
 def _corpus(train: list[LivestreamRecord]) -> str:
     lines = []
     for r in train:
@@ -173,8 +206,9 @@ def _corpus(train: list[LivestreamRecord]) -> str:
 
 def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_product: int = 8,
               heldout_fraction: float = 0.2, seed: int = 0) -> DemoPaths:
-    """Write ``catalogue.json``, ``train.jsonl``, ``heldout.jsonl`` and ``corpus.txt`` (text
-    to train a tokenizer on) under ``out_dir``, each atomically."""
+    """Write ``catalogue.json``, ``train.jsonl``, ``heldout.jsonl``, ``corpus.txt`` (text
+    to train a tokenizer on) and ``pretrain.jsonl`` (the training products' pre-training
+    texts) under ``out_dir``, each atomically."""
     if num_products < 1:
         raise ValueError(f"num_products must be >= 1, got {num_products}")
     if questions_per_product < 1:
@@ -201,7 +235,7 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
     out.mkdir(parents=True, exist_ok=True)
     paths = DemoPaths(out_dir=out, catalogue=out / "catalogue.json", train=out / "train.jsonl",
                       heldout=out / "heldout.jsonl", corpus=out / "corpus.txt",
-                      num_train=len(train), num_heldout=len(heldout))
+                      pretrain=out / "pretrain.jsonl", num_train=len(train), num_heldout=len(heldout))
     catalogue = {"seed": seed, "products": [
         {**p.to_json(), "split": "heldout" if p.id in heldout_ids else "train"}
         for p in products]}
@@ -209,4 +243,8 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
     write_jsonl(paths.train, train)
     write_jsonl(paths.heldout, heldout)
     write_text_atomic(paths.corpus, _corpus(train))
+    pretrain_rng = random.Random(f"{seed}\x00pretrain")  # the splits above stay as they were
+    write_text_atomic(paths.pretrain, "".join(
+        json.dumps({"text": pretraining_text(pretrain_rng, p)}) + "\n"
+        for p in products if p.id not in heldout_ids))
     return paths
