@@ -76,7 +76,7 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
 
     report = (tmp_path / "a" / "results.md").read_text()
     for needle in ("| after GRPO |", "Paper scale", "Demo scale", "2 · N_active · n",
-                   "### Example 1", "stages.png"):
+                   "### Example 1", "stages.png", "## Training curves", "rft/plots/"):
         assert needle in report
     assert (tmp_path / "a" / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "a" / "rft" / "final" / "config.json").is_file()
@@ -149,6 +149,8 @@ def test_report_files(tmp_path):
              "examples": [{"question": "What colour?", "answer": "<think>" + "x" * n + "</think>"
                            " Red."}]}
             for label, c, n in zip(LABELS, (0.0, 0.5, 0.6), (30, 20, 8))]
+    (tmp_path / "grpo" / "plots").mkdir(parents=True)
+    (tmp_path / "grpo" / "plots" / "grpo_reward.png").write_bytes(b"")
     written = write_report(tmp_path, {"rows": rows}, "COST", ["a note"])
     assert [p.name for p in written] == ["results.json", "results.md", "stages.png"]
     assert json.loads((tmp_path / "results.json").read_text()) == {"rows": rows}
@@ -157,6 +159,7 @@ def test_report_files(tmp_path):
     assert "```text\n<think>" + "x" * 8 + "</think> Red.\n```" in text  # fenced: tags stay text
     assert text.index("**student before training**") < text.index("**after GRPO**")
     assert "| after RFT | 50.0% | 50.0% | 20.0 | 2.0 ms | 1.00 ms | 22 ms | -1.000 |" in text
+    assert "![grpo_reward](grpo/plots/grpo_reward.png)" in text
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 

@@ -81,8 +81,9 @@ def plot_stages(rows: list[dict], path: Path) -> Path | None:
 
 
 def write_report(out: Path, results: dict, cost_markdown: str, notes: list[str]) -> list[Path]:
-    """Write ``results.json`` (``results`` as is), ``results.md`` and ``stages.png`` under
-    ``out``; returns the paths written."""
+    """Write ``results.json`` (``results`` as is), ``results.md`` (linking ``stages.png`` and
+    the training plots under ``out/rft/plots`` and ``out/grpo/plots``) and ``stages.png``
+    under ``out``; returns the paths written."""
     rows = results["rows"]
     written = [out / "results.json", out / "results.md"]
     write_text_atomic(written[0], json.dumps(results, indent=2) + "\n")
@@ -90,9 +91,12 @@ def write_report(out: Path, results: dict, cost_markdown: str, notes: list[str])
     sections = ["# LiveThinking demo", "", *notes, "", "## Held-out products", "",
                 format_table(rows), "", "## Cost per answer", "", cost_markdown, ""]
     if plot is not None:
-        sections += ["![the three stages side by side](stages.png)", "",
-                     "Training curves: `rft/plots/`, `grpo/plots/`.", ""]
+        sections += ["![the three stages side by side](stages.png)", ""]
         written.append(plot)
+    curves = sorted(p.relative_to(out).as_posix() for stage in ("rft", "grpo")
+                    for p in (out / stage / "plots").glob("*.png"))
+    if curves:
+        sections += ["## Training curves", "", *(f"![{Path(c).stem}]({c})" for c in curves), ""]
     sections += ["## Example answers (the same held-out questions for every stage)", "",
                  format_examples(rows)]
     write_text_atomic(written[1], "\n".join(sections))
