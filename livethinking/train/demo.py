@@ -57,11 +57,12 @@ class DemoSize:
 
     @classmethod
     def large(cls) -> "DemoSize":
-        """The default scaled for a 16-core machine or a GPU (about 10 minutes): 4× the
+        """The default scaled for a 16-core machine or a GPU (about 10 minutes): 3× the
         products, 2× the student's width and depth, 2× the experts, prompts per GRPO step
-        and held-out prompts."""
+        and held-out prompts — about 10× the default's compute (a 512-token training row
+        costs 3.5× the default's on one CPU thread)."""
         base = cls()
-        return replace(base, products=4 * base.products, hidden=2 * base.hidden,
+        return replace(base, products=3 * base.products, hidden=2 * base.hidden,
                        layers=2 * base.layers, experts=2 * base.experts,
                        prompts_per_step=2 * base.prompts_per_step,
                        eval_prompts=2 * base.eval_prompts)
