@@ -84,15 +84,22 @@ def test_demo_quick_learns_in_the_right_direction_deterministically(tmp_path, ca
     assert any((tmp_path / "a" / "grpo" / "plots").glob("*.png"))
 
 
-def test_demo_quiet_prints_nothing(tmp_path, capfd, torch_threads):
+def test_demo_quiet_prints_nothing_and_pretraining_is_a_stage(tmp_path, capfd, torch_threads):
     from livethinking.train import run_demo
 
     tiny = DemoSize(products=5, questions_per_product=2, hidden=16, layers=1, experts=2,
                     teacher_k=1, rft_epochs=1, grpo_steps=1, prompts_per_step=1, group_size=2,
-                    max_tokens=4, eval_prompts=2)
-    results = run_demo(tmp_path, size=tiny, quiet=True, threads=1)
+                    max_tokens=4, eval_prompts=2, pretrain_epochs=1)
+    results = run_demo(tmp_path / "quiet", size=tiny, quiet=True, threads=1)
     assert capfd.readouterr() == ("", "")
-    assert results["size"]["name"] == "custom" and (tmp_path / "results.md").is_file()
+    assert results["size"]["name"] == "custom" and (tmp_path / "quiet" / "results.md").is_file()
+    lines = []
+    results = run_demo(tmp_path / "loud", size=tiny, threads=1, log=lines.append)
+    banners = [line.split(":")[0] for line in lines if line.startswith("[")]
+    assert banners == ["[1/6] data", "[2/6] pre-training", "[3/6] pre-trained student",
+                       "[4/6] RFT", "[5/6] GRPO", "[6/6] report"]
+    assert results["rows"][0]["model"] == "pre-trained student"
+    assert "pre-trained for 1 epoch on" in (tmp_path / "loud" / "results.md").read_text()
 
 
 def test_qwen3_30b_a3b_active_parameters_by_hand():

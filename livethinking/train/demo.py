@@ -158,7 +158,7 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     if threads:
         torch.set_num_threads(threads)
     began = time.perf_counter()
-    banner = _Banner(log, total=5)
+    banner = _Banner(log, total=6 if size.pretrain_epochs else 5)
     log(f"demo: size {size.name()}: " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
     banner("data", f"{size.products} products × {size.questions_per_product} questions, a "
                    f"BPE tokenizer, a random {size.layers}-layer student")
@@ -169,9 +169,9 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, size, out / "student-init", seed)
     if size.pretrain_epochs:  # stands in for a real student's pre-training (demo_pretrain.py)
-        log(f"demo: pre-training the random student on the training catalogue "
-            f"({size.pretrain_epochs} epochs over {paths.pretrain}), standing in for the "
-            f"pre-training a real student arrives with")
+        banner("pre-training", f"the random student, {size.pretrain_epochs} epochs on the "
+                               f"training catalogue ({paths.pretrain}), standing in for the "
+                               f"pre-training a real student arrives with")
         student = pretrain_student(student, load_pretraining_texts(paths.pretrain),
                                    out / "student-pretrained",
                                    PretrainConfig(epochs=size.pretrain_epochs, seed=seed),
@@ -186,8 +186,9 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                                            if isinstance(v, float)))
         return row
 
-    banner("before training", f"evaluate the random student on {len(heldout)} held-out prompts")
-    rows = [measure(student, "student before training")]
+    first = "pre-trained student" if size.pretrain_epochs else "student before training"
+    banner(first, f"evaluate it on {len(heldout)} held-out prompts")
+    rows = [measure(student, first)]
     base_run = RunConfig(seed=seed, progress=show, tensorboard=False)
     rft = RFTConfig(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM_PROMPT,
                     teacher=TeacherConfig(kind="demo", k=size.teacher_k, min_filler=0,
@@ -263,6 +264,11 @@ def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout
              f"Held-out prompts: {len(heldout)} (products never seen in training); total time "
              f"{elapsed:.0f} s; teacher: {len(samples)} samples, {teacher_tokens:.1f} tokens "
              "per answer."]
+    if size.pretrain_epochs:
+        epochs = f"{size.pretrain_epochs} epoch" + ("s" if size.pretrain_epochs != 1 else "")
+        notes.append(f"The student was pre-trained for {epochs} on the "
+                     "training catalogue (a stand-in for the pre-training a real student "
+                     "arrives with); the first row is that student, before RFT.")
     results = {"size": {"name": size.name(), **asdict(size)}, "rows": rows,
                "teacher_tokens_per_answer": teacher_tokens, "prompt_tokens": prompt_tokens,
                "cost": {"paper_scale": paper.as_dict(), "demo_scale": demo.as_dict()},
