@@ -15,9 +15,9 @@ from livethinking.train import DemoSize, GRPOConfig, RFTConfig, load_config
 from livethinking.train.common import make_judges
 from livethinking.train.config import JudgeConfig
 from livethinking.train.demo import SYSTEM_PROMPT
-from livethinking.train.demo_cost import (CostModel, active_parameters, answer_flops,
-                                          cost_table, format_cost_table, model_cost,
-                                          paper_student, paper_teacher)
+from livethinking.train.demo_cost import (FORMULA, CostModel, active_parameters, answer_flops,
+                                          cost_table, format_cost_table, format_parts,
+                                          model_cost, paper_student, paper_teacher)
 from livethinking.train.demo_measure import measure_stage
 from livethinking.train.demo_report import write_report
 
@@ -110,6 +110,8 @@ def test_qwen3_30b_a3b_active_parameters_by_hand():
     parts = active_parameters(paper_student())
     assert parts["total"] == expected == 3_353_032_704
     assert parts["embeddings"] == 2 * vocab * h and parts["router"] == layers * h * 128
+    assert format_parts("q", paper_student()).startswith(
+        "q: 3.35B active parameters per token = embeddings 622.33M, attention 905.98M")
 
 
 def test_active_parameters_count_every_weight_when_all_experts_are_active():
@@ -141,7 +143,8 @@ def test_answer_flops_and_the_factors():
     text = format_cost_table(table, prompt_tokens=0)
     assert "distillation (teacher ÷ after RFT) 12.3× (active params 12.3×)" in text
     assert "shorter reasoning (after RFT ÷ after GRPO) 2.61×" in text
-    assert "total (teacher ÷ after GRPO) 32.1×" in text and "2 · N_active · n" in text
+    assert "total (teacher ÷ after GRPO) 32.1× — the paper: 12× × 2.5× = 30×" in text
+    assert "2 · N_active · n + 2 · L · (d_qk + d_v) · (n · P + n(n+1)/2)" in FORMULA
     with pytest.raises(ValueError, match="after GRPO"):
         cost_table("t", None, student, {"after RFT": 1.0}, prompt_tokens=0)
     assert model_cost("q", paper_student()).d_qk == 32 * 128

@@ -238,8 +238,9 @@ def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout
     from livethinking.data import load_records
     from livethinking.model import ModelConfig
     from livethinking.train.common import response_ids
-    from livethinking.train.demo_cost import (cost_table, format_cost_table, model_cost,
-                                              paper_student, paper_teacher)
+    from livethinking.train.demo_cost import (FORMULA, cost_table, format_cost_table,
+                                              format_parts, model_cost, paper_student,
+                                              paper_teacher)
     from livethinking.train.demo_measure import mean_prompt_tokens
     from livethinking.train.demo_report import format_table, write_report
     from livethinking.train.teacher import teacher_responses
@@ -258,7 +259,9 @@ def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout
     demo = cost_table("Demo scale: the tiny student's real size (the programmatic teacher has "
                       "no parameters)", None, model_cost("demo student", student_config),
                       stage_tokens, prompt_tokens)
-    cost_markdown = "\n\n".join(format_cost_table(t, prompt_tokens) for t in (paper, demo))
+    cost_markdown = "\n\n".join([*(format_cost_table(t, prompt_tokens) for t in (paper, demo)),
+                                 format_parts("Qwen3-30B-A3B", paper_student()) + "  \n" +
+                                 format_parts("demo student", student_config), FORMULA])
     elapsed = time.perf_counter() - began
     notes = [f"Size `{size.name()}`: " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()),
              f"Held-out prompts: {len(heldout)} (products never seen in training); total time "

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["CostModel", "CostTable", "active_parameters", "answer_flops", "cost_table",
-           "format_cost_table", "model_cost", "paper_student", "paper_teacher"]
+__all__ = ["FORMULA", "CostModel", "CostTable", "active_parameters", "answer_flops", "cost_table",
+           "format_cost_table", "format_parts", "model_cost", "paper_student", "paper_teacher"]
 
 FORMULA = ("compute / answer = 2 · N_active · n + 2 · L · (d_qk + d_v) · (n · P + n(n+1)/2)  "
            "(n answer tokens, P prompt tokens, L layers, d_qk = d_v = q-heads · head_dim for "
@@ -149,7 +149,7 @@ def cost_table(title: str, teacher: tuple[CostModel, float] | None, student: Cos
 
 
 def format_cost_table(table: CostTable, prompt_tokens: float) -> str:
-    """Markdown: the table, the factors and the formula."""
+    """Markdown: the table and its factors (``FORMULA`` states the compute)."""
     lines = [f"**{table.title}** (mean prompt {prompt_tokens:.0f} tokens)", "",
              "| model | active params | tokens / answer | compute / answer |", "|---|---|---|---|"]
     for r in table.rows:
@@ -163,9 +163,17 @@ def format_cost_table(table: CostTable, prompt_tokens: float) -> str:
     factors.append(f"shorter reasoning (after RFT ÷ after GRPO) {table.shorter_reasoning:.2f}× "
                    f"(tokens {table.shorter_reasoning_tokens:.2f}×)")
     if table.total is not None:
-        factors.append(f"total (teacher ÷ after GRPO) {table.total:.1f}×")
-    lines += ["; ".join(factors) + " — the paper: 12× × 2.5× = 30×", "", FORMULA]
+        factors.append(f"total (teacher ÷ after GRPO) {table.total:.1f}× — the paper: "
+                       "12× × 2.5× = 30×")
+    lines.append("; ".join(factors))
     return "\n".join(lines)
+
+
+def format_parts(name: str, config) -> str:
+    """One line: ``name``'s active parameters per token by part (``active_parameters``)."""
+    parts = active_parameters(config)
+    listed = ", ".join(f"{k} {_count(v)}" for k, v in parts.items() if k != "total")
+    return f"{name}: {_count(parts['total'])} active parameters per token = {listed}"
 
 
 def _count(n: int) -> str:
