@@ -35,19 +35,19 @@ class DemoSize:
     """The knobs that set the demo's cost. Presets (``preset(name)``): ``quick()`` the CI
     size (seconds), ``DemoSize()`` the default (minutes on 2 CPU cores), ``large()``."""
 
-    products: int = 40
-    questions_per_product: int = 6
+    products: int = 1000  # many products seen once or twice: the student must read the doc
+    questions_per_product: int = 2
     hidden: int = 128
     layers: int = 2
     experts: int = 4
-    teacher_k: int = 4
-    rft_epochs: int = 14
-    grpo_steps: int = 50
+    teacher_k: int = 2
+    rft_epochs: int = 1
+    grpo_steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
-    max_tokens: int = 160
+    max_tokens: int = 240  # above the teacher's longest answer: greedy RFT answers finish
     eval_prompts: int = 48
-    pretrain_epochs: int = 4  # 0: no pre-training pass (demo_pretrain.py)
+    pretrain_epochs: int = 8  # 0: no pre-training pass (demo_pretrain.py)
 
     @classmethod
     def quick(cls) -> "DemoSize":

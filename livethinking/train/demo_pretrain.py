@@ -34,9 +34,9 @@ class PretrainConfig:
 
     epochs: int = 1
     row_tokens: int = 512
-    rows_per_step: int = 4
+    rows_per_step: int = 2  # many small steps: the copy lookup emerges after ~1000 steps
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0))
+        lr=5e-3, warmup_steps=20, min_lr_ratio=0.1, grad_clip=1.0))
     seed: int = 0
 
     def __post_init__(self) -> None:
