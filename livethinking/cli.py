@@ -48,12 +48,14 @@ def _data_make_demo(args: argparse.Namespace) -> int:
     try:
         paths = make_demo(args.out, num_products=args.products,
                           questions_per_product=args.questions_per_product,
-                          heldout_fraction=args.heldout_fraction, seed=args.seed)
+                          heldout_fraction=args.heldout_fraction,
+                          listing_products=args.listing_products, seed=args.seed)
     except ValueError as e:
         print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {paths.num_train} train and {paths.num_heldout} held-out records to "
-          f"{paths.out_dir} (catalogue.json, train.jsonl, heldout.jsonl, corpus.txt)")
+          f"{paths.out_dir} (catalogue.json, train.jsonl, heldout.jsonl, corpus.txt, "
+          f"pretrain.jsonl)")
     return 0
 
 
@@ -159,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     make_demo.add_argument("--questions-per-product", type=int, default=8)
     make_demo.add_argument("--heldout-fraction", type=float, default=0.2,
                            help="share of products kept for held-out prompts")
+    make_demo.add_argument("--listing-products", type=int, default=0,
+                           help="more training-side products with no questions: their "
+                                "catalogue texts join pretrain.jsonl only")
     make_demo.add_argument("--seed", type=int, default=0)
     make_demo.set_defaults(run=_data_make_demo)
     return parser

@@ -4,9 +4,9 @@ loss, is deterministic given the seed, and refuses bad settings."""
 import pytest
 import torch
 
+from livethinking.data import load_texts
 from livethinking.model import CausalLM
 from livethinking.tasks.livestream import make_demo
-from livethinking.tasks.livestream.demo_data import load_pretraining_texts
 from livethinking.train.config import OptimConfig
 from livethinking.train.demo import DemoSize, build_student, build_tokenizer
 from livethinking.train.demo_pretrain import PretrainConfig, pretrain_student
@@ -15,11 +15,12 @@ from livethinking.train.demo_pretrain import PretrainConfig, pretrain_student
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    paths = make_demo(out / "data", num_products=10, questions_per_product=2, seed=1)
+    paths = make_demo(out / "data", num_products=10, questions_per_product=2, listing_products=40,
+                      seed=1)
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, DemoSize(hidden=32, layers=1, experts=2), out / "init",
                             seed=1)
-    return out, load_pretraining_texts(paths.pretrain), student
+    return out, load_texts(paths.pretrain).items, student
 
 
 def _config(epochs: int) -> PretrainConfig:

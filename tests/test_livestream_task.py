@@ -7,13 +7,12 @@ import math
 import pytest
 
 from livethinking.cli import main as cli_main
-from livethinking.data import load_records
+from livethinking.data import load_records, load_texts
 from livethinking.tasks.livestream import (ATTRIBUTES, QUESTION_KEYWORDS, REFUSAL_MARKERS,
                                            AttributeKeywords, DemoTeacher, Product,
                                            asked_attribute, format_product_doc, make_demo,
                                            parse_product_doc, split_response)
-from livethinking.tasks.livestream.demo_data import (NAME_PREFIXES, QUESTION_TEMPLATES,
-                                                     load_pretraining_texts)
+from livethinking.tasks.livestream.demo_data import NAME_PREFIXES, QUESTION_TEMPLATES
 
 
 @pytest.fixture(scope="module")
@@ -102,31 +101,49 @@ def test_heldout_products_are_unseen(demo):
         make_demo(paths.out_dir / "x", num_products=1, heldout_fraction=0.5)
 
 
-def test_pretraining_texts_hold_training_products_only(demo, tmp_path):
-    paths, train, heldout = demo
-    texts = load_pretraining_texts(paths.pretrain)
+def _catalogue_texts(paths):
+    texts = load_texts(paths.pretrain).items
     catalogue = json.loads(paths.catalogue.read_text())["products"]
     by_doc = {format_product_doc(Product(id=p["id"], name=p["name"], category=p["category"],
                                          attributes=p["attributes"])): p for p in catalogue}
-    docs = [text.split("\nQ: ")[0] for text in texts]
+    return texts, catalogue, by_doc
+
+
+def test_pretraining_texts_hold_training_products_only(demo, tmp_path):
+    paths, train, heldout = demo
+    texts, catalogue, by_doc = _catalogue_texts(paths)
+    docs = [text.split("\n\n")[0] for text in texts]
     assert sorted(by_doc[d]["id"] for d in docs) == sorted(
         p["id"] for p in catalogue if p["split"] == "train")  # each training product once
     assert not set(docs) & {r.product_doc for r in heldout}
+    in_order = 0
     for doc, text in zip(docs, texts):
-        fields = parse_product_doc(doc)
-        pairs = text.split("\nQ: ")[1:]
-        asked = [asked_attribute(pair.split("\nA: ")[0]) for pair in pairs]
-        listed = [a for a in asked if a in fields]
-        assert sorted(listed) == sorted(by_doc[doc]["attributes"])  # every attribute once
-        for attr, pair in zip(asked, pairs):
-            answer = pair.split("\nA: ")[1]
-            if attr in fields:
-                assert fields[attr] in answer
-            else:
-                assert any(m in answer for m in REFUSAL_MARKERS)
+        lines = text.split("\n\n")[1].split("\n")  # the document's key: value lines again
+        assert sorted(lines) == sorted(doc.split("\n")[2:])
+        in_order += lines == doc.split("\n")[2:]
+    assert in_order < len(texts) / 4  # shuffled (5-7 lines: in order 1 time in 120+)
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        load_pretraining_texts(tmp_path / "bad.jsonl")
+        load_texts(tmp_path / "bad.jsonl")
+
+
+def test_listing_products_join_the_corpus_only(demo, tmp_path):
+    paths, train, heldout = demo
+    more = make_demo(tmp_path / "more", seed=3, listing_products=30)
+    assert load_records(more.train).items == train  # the asked products do not move
+    assert load_records(more.heldout).items == heldout
+    texts, catalogue, by_doc = _catalogue_texts(more)
+    listing = [p for p in catalogue if p["split"] == "listing"]
+    assert len(listing) == 30 and len({p["id"] for p in catalogue}) == len(catalogue)
+    assert len({p["name"] for p in catalogue}) == len(catalogue)
+    docs = {text.split("\n\n")[0] for text in texts}
+    assert {by_doc[d]["split"] for d in docs} == {"train", "listing"}
+    assert len(docs) == len(texts) == len(catalogue) - sum(p["split"] == "heldout"
+                                                           for p in catalogue)
+    asked = {r.id.split("-")[0] for r in train + heldout}
+    assert not asked & {p["id"] for p in listing}
+    with pytest.raises(ValueError, match="listing_products"):
+        make_demo(tmp_path / "bad", listing_products=-1)
 
 
 def test_references_match_documents(demo):
@@ -176,6 +193,11 @@ def test_teacher_responses(demo):
             assert text.startswith("<think>") and "</think> " in text
             reasoning, answer = split_response(text)
             assert "Let me check the product document." in reasoning
+            # the lookup follows the question; the verbose part comes after the conclusion
+            assert reasoning.startswith(f'The viewer asks: "{record.question}"')
+            conclusion = ("So the answer is" if "So the answer is" in reasoning
+                          else "So I should say that the document does not list it.")
+            assert reasoning.index("Let me check") < reasoning.index(conclusion)
             assert len(answer.split()) < 25 < len(reasoning.split())
             lengths.add(len(reasoning.split()))
             wrong += not _is_correct(record, answer)
@@ -215,3 +237,9 @@ def test_cli_make_demo(tmp_path, capsys):
     assert len(load_records(out / "train.jsonl").items) == 5 * 8
     assert "Let me check the product document." in (out / "corpus.txt").read_text()
     assert cli_main(["data", "make-demo", "--out", str(out), "--products", "0"]) == 2
+    listed = tmp_path / "listed"
+    assert cli_main(["data", "make-demo", "--out", str(listed), "--products", "6",
+                     "--listing-products", "5", "--seed", "1"]) == 0
+    assert len((listed / "pretrain.jsonl").read_text().splitlines()) == 5 + 5
+    assert cli_main(["data", "make-demo", "--out", str(listed), "--listing-products",
+                     "-1"]) == 2

@@ -181,6 +181,37 @@ def test_rft_end_to_end_writes_a_loadable_model(tmp_path, demo_setup):
     assert accepted and all(json.loads(a)["response"] for a in accepted)
 
 
+def test_rft_mixes_language_modelling_texts_into_its_rows(tmp_path, demo_setup, monkeypatch):
+    import livethinking.train.rft as rft_module
+
+    paths, tokenizer, _ = demo_setup
+    lm = tmp_path / "lm.jsonl"
+    texts = ["color: red\nprice: 19 dollars", "# Product: Comet Lamp\n\nsize: small"]
+    lm.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    packed = []
+
+    def spy(examples, row_tokens, *, seed):
+        packed.append(list(examples))
+        return pack(examples, row_tokens, seed=seed)
+
+    pack = rft_module.pack_examples
+    monkeypatch.setattr(rft_module, "pack_examples", spy)
+    logs = []
+    run_rft(_rft_config(tmp_path / "with", demo_setup, max_steps=2, lm_data=str(lm)),
+            log=logs.append)
+    run_rft(_rft_config(tmp_path / "without", demo_setup, max_steps=2), log=lambda *_: None)
+    with_lm, without = packed
+    assert with_lm[:len(without)] == without  # the accepted samples, then the texts
+    for (first, rest), text in zip(with_lm[len(without):], texts, strict=True):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert first == ids[:1] and rest == ids[1:] + [tokenizer.eos_token_id]
+    assert any("2 language-modelling texts" in line for line in logs), logs
+    lm.write_text('{"txt": "x"}\n')
+    with pytest.raises(ValueError, match="lm.jsonl:1"):
+        run_rft(_rft_config(tmp_path / "bad", demo_setup, max_steps=1, lm_data=str(lm)),
+                log=lambda *_: None)
+
+
 def test_rft_resume_is_bit_identical(tmp_path, demo_setup):
     whole = _rft_config(tmp_path / "whole", demo_setup, max_steps=6)
     run_rft(whole, log=lambda *_: None)
@@ -285,7 +316,10 @@ def test_grpo_update_moves_logprobs_with_the_advantage(demo_setup, rft_model):
     optimizer.step()
     after = completion_logprobs(model, batch, 1.0).sum(1)
     change = after - before
-    assert change[:2].min() > 0 and change[2:].max() < 0
+    # every positive-advantage completion gains, and more than any negative one (one Adam
+    # step moves shared tokens too, so a negative one may rise a little)
+    assert change[:2].min() > 0 and change[:2].min() > change[2:].max() + 0.5
+    assert change[2:].min() < 0
 
 
 def test_grpo_runs_and_resumes_bit_identically(tmp_path, demo_setup, rft_model):

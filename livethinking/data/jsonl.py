@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from livethinking.data.atomic import write_text_atomic
 from livethinking.data.records import ROLES, LivestreamRecord, TeacherSample, Turn
 
-__all__ = ["DataError", "LoadResult", "load_records", "load_teacher_samples",
+__all__ = ["DataError", "LoadResult", "load_records", "load_teacher_samples", "load_texts",
            "write_jsonl", "write_text_atomic"]
 
 _RECORD_KEYS = ("id", "product_doc", "question", "history", "reference")
 _RECORD_REQUIRED = ("id", "product_doc", "question", "history")
 _TEACHER_KEYS = ("id", "response")
+_TEXT_KEYS = ("text",)
 _ON_ERROR = ("fail", "skip")
 
 
@@ -105,6 +106,10 @@ def _parse_teacher(obj: object) -> TeacherSample:
                          response=_text(obj, "response", non_empty=False))
 
 
+def _parse_text(obj: object) -> str:
+    return _text(_check_keys(obj, _TEXT_KEYS, _TEXT_KEYS), "text", non_empty=True)
+
+
 def _load(path: str | os.PathLike, parse: Callable[[object], object], on_error: str,
           *, unique_ids: bool) -> LoadResult:
     if on_error not in _ON_ERROR:
@@ -147,6 +152,11 @@ def load_records(path: str | os.PathLike, *, on_error: str = "fail") -> LoadResu
 def load_teacher_samples(path: str | os.PathLike, *, on_error: str = "fail") -> LoadResult:
     """Teacher samples (:class:`TeacherSample`); an id may repeat (k samples a prompt)."""
     return _load(path, _parse_teacher, on_error, unique_ids=False)
+
+
+def load_texts(path: str | os.PathLike, *, on_error: str = "fail") -> LoadResult:
+    """Plain texts for language modelling, one ``{"text": "..."}`` (non-empty) a line."""
+    return _load(path, _parse_text, on_error, unique_ids=False)
 
 
 def _as_json(item: object, index: int) -> dict:

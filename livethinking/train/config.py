@@ -122,6 +122,10 @@ class RFTConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     helpful_threshold: float = 0.75
+    # JSON lines of {"text": ...} trained on as plain language modelling in the same rows as
+    # the accepted samples (every token after a text's first is a target): keeps what the
+    # student read before fine-tuning (the pre-training mix of InstructGPT's PPO-ptx). None: off.
+    lm_data: str | None = None
     epochs: int = 1
     max_steps: int = 0  # 0: run the epochs
     row_tokens: int = 1024  # tokens per packed row

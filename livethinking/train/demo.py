@@ -35,38 +35,41 @@ class DemoSize:
     """The knobs that set the demo's cost. Presets (``preset(name)``): ``quick()`` the CI
     size (seconds), ``DemoSize()`` the default (minutes on 2 CPU cores), ``large()``."""
 
-    # The default is the recipe that generalised best so far (RESULTS.md, the demo): 40
-    # products seen over 14 RFT epochs. The 1000-product recipe with a pre-training pass
-    # (pretrain_epochs=8, products=1000, questions_per_product=2, teacher_k=2, rft_epochs=1,
-    # grpo_steps=40, max_tokens=240) scored lower on held-out products (5.6 % vs ~15 %).
-    products: int = 40
-    questions_per_product: int = 6
+    # The default: 400 asked products × 4 questions (320 training, 80 held-out products) and
+    # 4000 listing-only products whose catalogue texts (a document, then its lines again,
+    # shuffled) are mixed into RFT, so the student learns to look a value up in a document
+    # it has never seen instead of memorising 40 products (RESULTS.md, the demo).
+    products: int = 400
+    questions_per_product: int = 4
+    listing_products: int = 4000
     hidden: int = 128
     layers: int = 2
     experts: int = 4
-    teacher_k: int = 4
-    rft_epochs: int = 14
+    teacher_k: int = 2
+    rft_epochs: int = 4
     grpo_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
-    max_tokens: int = 160
-    eval_prompts: int = 48
-    pretrain_epochs: int = 0  # 0: no pre-training pass (demo_pretrain.py)
+    max_tokens: int = 200
+    eval_prompts: int = 96
+    pretrain_epochs: int = 0  # 0: no separate pre-training pass (demo_pretrain.py)
 
     @classmethod
     def quick(cls) -> "DemoSize":
-        return cls(products=8, questions_per_product=4, hidden=64, layers=2, experts=4,
-                   teacher_k=4, rft_epochs=30, grpo_steps=8, prompts_per_step=4, group_size=4,
-                   max_tokens=160, eval_prompts=8, pretrain_epochs=0)
+        return cls(products=8, questions_per_product=4, listing_products=8, hidden=64, layers=2,
+                   experts=4, teacher_k=4, rft_epochs=15, grpo_steps=12, prompts_per_step=4,
+                   group_size=4, max_tokens=160, eval_prompts=8, pretrain_epochs=0)
 
     @classmethod
     def large(cls) -> "DemoSize":
-        """The default scaled for a 16-core machine or a GPU: 3× the products, 2× the
-        student's width and depth, 2× the experts, prompts per GRPO step and held-out
-        prompts — about 10× the default's compute (a 512-token training row costs 3.5× the
-        default's on one CPU thread); its wall time there is not yet measured."""
+        """The default scaled for a 16-core machine or a GPU: 3× the products (asked and
+        listing-only), 2× the student's width and depth, 2× the experts, prompts per GRPO
+        step and held-out prompts — about 10× the default's compute (a 512-token training
+        row costs 3.5× the default's on one CPU thread); its wall time there is not yet
+        measured."""
         base = cls()
-        return replace(base, products=3 * base.products, hidden=2 * base.hidden,
+        return replace(base, products=3 * base.products,
+                       listing_products=3 * base.listing_products, hidden=2 * base.hidden,
                        layers=2 * base.layers, experts=2 * base.experts,
                        prompts_per_step=2 * base.prompts_per_step,
                        eval_prompts=2 * base.eval_prompts)
@@ -142,13 +145,12 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     stage rows, the cost tables and the seconds taken. ``quiet``: no progress bars, no
     banners, no log lines (errors still raise). ``teacher_active_params``: the stand-in
     teacher's active size in the cost table (default the paper's 37B)."""
-    from livethinking.data import load_records
+    from livethinking.data import load_records, load_texts
     from livethinking.tasks.livestream import make_demo
     from livethinking.train.common import make_judges
     from livethinking.train.config import (GRPOConfig, JudgeConfig, LossConfig, OptimConfig,
                                            RewardConfig, RFTConfig, RolloutConfig, RunConfig,
                                            TeacherConfig)
-    from livethinking.tasks.livestream.demo_data import load_pretraining_texts
     from livethinking.train.demo_measure import measure_stage
     from livethinking.train.demo_pretrain import PretrainConfig, pretrain_student
     from livethinking.train.grpo import run_grpo
@@ -167,7 +169,8 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     banner("data", f"{size.products} products × {size.questions_per_product} questions, a "
                    f"BPE tokenizer, a random {size.layers}-layer student")
     paths = make_demo(out / "data", num_products=size.products,
-                      questions_per_product=size.questions_per_product, seed=seed)
+                      questions_per_product=size.questions_per_product,
+                      listing_products=size.listing_products, seed=seed)
     log(f"demo: data in {paths.out_dir} ({paths.num_train} training, {paths.num_heldout} "
         f"held-out prompts)")
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
@@ -176,7 +179,7 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
         banner("pre-training", f"the random student, {size.pretrain_epochs} epochs on the "
                                f"training catalogue ({paths.pretrain}), standing in for the "
                                f"pre-training a real student arrives with")
-        student = pretrain_student(student, load_pretraining_texts(paths.pretrain),
+        student = pretrain_student(student, load_texts(paths.pretrain).items,
                                    out / "student-pretrained",
                                    PretrainConfig(epochs=size.pretrain_epochs, seed=seed),
                                    progress=show, log=log)
@@ -197,11 +200,13 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
     rft = RFTConfig(model=str(student), train_data=str(paths.train), system_prompt=SYSTEM_PROMPT,
                     teacher=TeacherConfig(kind="demo", k=size.teacher_k, min_filler=0,
                                           max_filler=10),
-                    epochs=size.rft_epochs, row_tokens=512, rows_per_step=4,
-                    optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0),
+                    lm_data=str(paths.pretrain), epochs=size.rft_epochs, row_tokens=512,
+                    rows_per_step=2,
+                    optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, grad_clip=1.0),
                     run=RunConfig(**{**_fields(base_run), "output_dir": str(out / "rft")}))
     banner("RFT", f"{size.teacher_k} teacher samples per training prompt, judged; SFT on the "
-                  f"accepted for {size.rft_epochs} epochs; then evaluate")
+                  f"accepted, mixed with the catalogue texts, for {size.rft_epochs} epochs; "
+                  f"then evaluate")
     rft_model = run_rft(rft, log=log)
     rows.append(measure(rft_model, "after RFT"))
     grpo = GRPOConfig(model=str(rft_model), train_data=str(paths.train),
@@ -239,7 +244,7 @@ class _Banner:
 def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout, student,
             teacher_active_params: float, began: float, log) -> dict:
     """The cost tables, then results.json / results.md / stages.png; returns the results."""
-    from livethinking.data import load_records
+    from livethinking.data import load_records, load_texts
     from livethinking.model import ModelConfig
     from livethinking.train.common import response_ids
     from livethinking.train.demo_cost import (FORMULA, cost_table, format_cost_table,

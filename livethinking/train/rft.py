@@ -3,7 +3,8 @@
 1. k teacher samples per training prompt; keep those judged correct AND helpful (saved to
    ``output_dir/rft_accepted.jsonl``, reused on resume);
 2. pack (prompt, response) pairs into rows; loss on response tokens only, + MoE balance
-   (counted on the response tokens too);
+   (counted on the response tokens too); ``lm_data`` texts, when given, join the same rows
+   as plain language modelling (every token after a text's first is a target);
 3. AdamW on fp32 masters, warmup + cosine, clipping; checkpoints every ``save_every``
    steps (resumable bit for bit on CPU: the row order is a function of the epoch).
 
@@ -22,7 +23,7 @@ import random
 import time
 from pathlib import Path
 
-from livethinking.data import LivestreamRecord, load_records, write_text_atomic
+from livethinking.data import LivestreamRecord, load_records, load_texts, write_text_atomic
 from livethinking.train.common import make_judges, prompt_ids, response_ids
 from livethinking.train.config import RFTConfig
 from livethinking.train.distributed import all_reduce_sum, broadcast_from_main
@@ -100,11 +101,17 @@ class RFTTrainer:
                                "train on")
         examples = [(prompt_ids(run.tokenizer, r, config.system_prompt),
                      response_ids(run.tokenizer, text)) for r, text in kept]
+        texts = [] if config.lm_data is None else load_texts(config.lm_data).items
+        for text in texts:  # (first token, the rest): every token after the first trained
+            ids = run.tokenizer.encode(text, add_special_tokens=False)
+            examples.append((ids[:1], ids[1:] + [run.tokenizer.eos_token_id]))
         self.rows, truncated = pack_examples(examples, config.row_tokens, seed=config.run.seed)
         self.steps_per_epoch = math.ceil(len(self.rows) / config.rows_per_step)
         total = config.max_steps or config.epochs * self.steps_per_epoch
-        run.log(f"rft: {len(kept)} examples in {len(self.rows)} rows of {config.row_tokens} "
-                f"tokens ({truncated} truncated); {total} steps")
+        mixed = (f" + {len(texts)} language-modelling texts from {config.lm_data}"
+                 if texts else "")
+        run.log(f"rft: {len(kept)} accepted samples{mixed} in {len(self.rows)} rows of "
+                f"{config.row_tokens} tokens ({truncated} truncated); {total} steps")
         return total, total
 
     def start(self, state: dict | None) -> None:

@@ -4,9 +4,9 @@ Each product has a name, a category and 5-7 attributes drawn from :data:`ATTRIBU
 document is :func:`format_product_doc`'s. About 20% of questions ask for an attribute the
 document does not list; their reference is a polite refusal containing one of
 :data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. The
-pre-training corpus (``pretrain.jsonl``, one ``{"text": ...}`` per training product: its
-document, then a ``Q:``/``A:`` pair for every listed attribute and one refusal pair) holds
-training products only. Everything is deterministic given the seed (``random.Random``; no
+pre-training corpus (``pretrain.jsonl``, one ``{"text": ...}`` per training or listing-only
+product: its document, then its ``key: value`` lines again, shuffled) holds no held-out
+product. Everything is deterministic given the seed (``random.Random``; no
 torch).
 """
 
@@ -23,7 +23,7 @@ from livethinking.tasks.livestream.domain import (ATTRIBUTES, REFUSAL_MARKERS, P
 
 __all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "OPENERS",
            "QUESTION_TEMPLATES", "REFUSAL_TEMPLATES", "DemoPaths", "answer_sentence",
-           "load_pretraining_texts", "make_demo", "pretraining_text", "refusal_sentence"]
+           "make_demo", "pretraining_text", "refusal_sentence"]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {  # category -> attributes its products draw from
     "kettle": ("color", "price", "material", "capacity", "power", "warranty", "weight",
@@ -135,6 +135,22 @@ def _make_catalogue(rng: random.Random, num_products: int) -> list[Product]:
     return products
 
 
+def _listing_products(rng: random.Random, count: int, asked: list[Product]) -> list[Product]:
+    """``count`` products after ``asked`` in the catalogue (ids and names continue theirs)."""
+    drawn = _make_catalogue(rng, len(asked) + count)[len(asked):]
+    taken = {p.name for p in asked}
+    listing = []
+    for i, product in enumerate(drawn, start=len(asked)):
+        name, n = product.name, 1
+        while name in taken:  # a drawn name may repeat an asked product's
+            n += 1
+            name = f"{product.name} #{n}"
+        taken.add(name)
+        listing.append(Product(id=f"p{i:03d}", name=name, category=product.category,
+                               attributes=product.attributes))
+    return listing
+
+
 def _question(rng: random.Random, attr: str, name: str) -> str:
     return rng.choice(QUESTION_TEMPLATES[attr]).format(name=name)
 
@@ -164,32 +180,13 @@ def _records_for(rng: random.Random, product: Product, count: int) -> list[Lives
 
 
 def pretraining_text(rng: random.Random, product: Product) -> str:
-    """``product``'s document, then ``Q: question`` / ``A: answer`` lines for every listed
-    attribute (shuffled) and, when the document leaves one out, one refusal pair."""
-    listed = list(product.attributes)
-    rng.shuffle(listed)
-    lines = [format_product_doc(product)]
-    for attr in listed:
-        lines += [f"Q: {_question(rng, attr, product.name)}",
-                  f"A: {answer_sentence(attr, product.attributes[attr])}"]
-    missing = [a for a in ATTRIBUTES if a not in product.attributes]
-    if missing:
-        attr = rng.choice(missing)
-        lines += [f"Q: {_question(rng, attr, product.name)}",
-                  f"A: {refusal_sentence(rng, attr, product.name)}"]
-    return "\n".join(lines)
-
-
-def load_pretraining_texts(path: str | Path) -> list[str]:
-    """The texts of a ``pretrain.jsonl`` written by :func:`make_demo`."""
-    texts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{number}: expected {{\"text\": str}}, got {line[:80]!r}")
-            texts.append(row["text"])
-    return texts
+    """``product``'s document, a blank line, then its ``key: value`` lines again in a
+    shuffled order: a catalogue text in which every value is a lookup in the document above
+    (what a pre-trained student can already do; the tiny demo student learns it here)."""
+    keys = list(product.attributes)
+    rng.shuffle(keys)
+    return "\n".join([format_product_doc(product), "",
+                      *(f"{key}: {product.attributes[key]}" for key in keys)])
 
 
 def _corpus(train: list[LivestreamRecord]) -> str:
@@ -205,12 +202,18 @@ def _corpus(train: list[LivestreamRecord]) -> str:
 
 
 def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_product: int = 8,
-              heldout_fraction: float = 0.2, seed: int = 0) -> DemoPaths:
+              heldout_fraction: float = 0.2, listing_products: int = 0,
+              seed: int = 0) -> DemoPaths:
     """Write ``catalogue.json``, ``train.jsonl``, ``heldout.jsonl``, ``corpus.txt`` (text
-    to train a tokenizer on) and ``pretrain.jsonl`` (the training products' pre-training
-    texts) under ``out_dir``, each atomically."""
+    to train a tokenizer on) and ``pretrain.jsonl`` (:func:`pretraining_text` of every
+    training product) under ``out_dir``, each atomically. ``listing_products`` more
+    products join the catalogue with no question asked about them (split ``"listing"``):
+    their texts are in ``pretrain.jsonl``, never in a held-out split; they are drawn from
+    their own random stream, so the asked products and prompts do not depend on it."""
     if num_products < 1:
         raise ValueError(f"num_products must be >= 1, got {num_products}")
+    if listing_products < 0:
+        raise ValueError(f"listing_products must be >= 0, got {listing_products}")
     if questions_per_product < 1:
         raise ValueError(f"questions_per_product must be >= 1, got {questions_per_product}")
     if not 0.0 <= heldout_fraction < 1.0:
@@ -236,9 +239,11 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
     paths = DemoPaths(out_dir=out, catalogue=out / "catalogue.json", train=out / "train.jsonl",
                       heldout=out / "heldout.jsonl", corpus=out / "corpus.txt",
                       pretrain=out / "pretrain.jsonl", num_train=len(train), num_heldout=len(heldout))
+    listing = _listing_products(random.Random(f"{seed}\x00listing"), listing_products,
+                                products)
     catalogue = {"seed": seed, "products": [
         {**p.to_json(), "split": "heldout" if p.id in heldout_ids else "train"}
-        for p in products]}
+        for p in products] + [{**p.to_json(), "split": "listing"} for p in listing]}
     write_text_atomic(paths.catalogue, json.dumps(catalogue, indent=1) + "\n")
     write_jsonl(paths.train, train)
     write_jsonl(paths.heldout, heldout)
@@ -246,5 +251,5 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
     pretrain_rng = random.Random(f"{seed}\x00pretrain")  # the splits above stay as they were
     write_text_atomic(paths.pretrain, "".join(
         json.dumps({"text": pretraining_text(pretrain_rng, p)}) + "\n"
-        for p in products if p.id not in heldout_ids))
+        for p in [*products, *listing] if p.id not in heldout_ids))
     return paths

@@ -17,7 +17,10 @@ __all__ = ["DemoTeacher"]
 @dataclass(kw_only=True, slots=True)
 class DemoTeacher:
     """A programmatic teacher: ``respond(record, k)`` gives k ``"<think>R</think> A"``
-    responses with verbose reasoning of varying length and a short answer; each is wrong
+    responses with verbose reasoning of varying length and a short answer. R restates the
+    question, looks the asked attribute up (``The document says "key: value".``), states
+    the conclusion, then adds ``min_filler``..``max_filler`` sentences of chatter: the part
+    GRPO learns to drop (the lookup stays next to the question it answers). Each is wrong
     with probability ``error_rate`` (another value, a made-up value for a refusal
     question, or a refusal of an answerable one). Responses for a record depend only on
     (seed, record.id): ``respond(r, 2)`` is a prefix of ``respond(r, 4)``."""
@@ -63,16 +66,14 @@ class DemoTeacher:
         steps.append("Let me check the product document.")
         if value is not None:
             steps.append(f"The document says \"{attr}: {value}\".")
+            steps.append(f"So the answer is {value}.")
+            answer = rng.choice(OPENERS) + answer_sentence(attr, value)
         else:
             steps.append(f"I don't see a line about the {attr_name} in the document.")
+            steps.append("So I should say that the document does not list it.")
+            answer = refusal_sentence(rng, attr_name, name)
         others = [a for a in doc if a not in ("name", "category", attr)] or ["price"]
         fillers = rng.sample(FILLERS, rng.randint(self.min_filler, self.max_filler))
         steps += [f.format(name=name, category=doc.get("category", "product"),
                            attr=attr_name, other=rng.choice(others)) for f in fillers]
-        if value is not None:
-            answer = rng.choice(OPENERS) + answer_sentence(attr, value)
-            steps.append(f"So the answer is {value}.")
-        else:
-            answer = refusal_sentence(rng, attr_name, name)
-            steps.append("So I should say that the document does not list it.")
         return f"<think>{' '.join(steps)}</think> {answer}"
