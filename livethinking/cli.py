@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -35,9 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
               device=args.device, config=config)
     name = args.served_model_name or default_served_model_name(args.model)
     limits = {} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}
+    api_key = args.api_key or os.environ.get("LIVETHINKING_API_KEY") or None
+    if args.enable_weight_updates and api_key is None:
+        print("livethinking serve: warning: --enable-weight-updates without --api-key lets "
+              "anyone who can reach the server replace the model's weights", file=sys.stderr)
     app = build_app(AsyncEngine(llm.engine), name,
                     max_concurrent_requests=args.max_concurrent_requests,
-                    enable_docs=args.enable_docs, **limits)
+                    enable_docs=args.enable_docs, enable_weight_updates=args.enable_weight_updates,
+                    api_key=api_key, **limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "a full 128k-token context, JSON-escaped, fits)")
     serve.add_argument("--enable-docs", action="store_true",
                        help="serve /docs, /redoc and /openapi.json (off by default)")
+    serve.add_argument("--enable-weight-updates", action="store_true",
+                       help="serve SGLang's weight-update endpoints (/init_weights_update_group, "
+                            "/update_weights_from_distributed, /update_weights_from_disk, "
+                            "/pause_generation, ...); off by default")
+    serve.add_argument("--api-key", help="every endpoint wants 'Authorization: Bearer KEY' "
+                                         "(default: $LIVETHINKING_API_KEY; none: open)")
     serve.add_argument("--block-size", type=int, help="tokens per KV-cache block")
     serve.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized "
                                                          "by the engine)")

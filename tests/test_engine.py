@@ -266,12 +266,14 @@ def test_streaming_text_only_grows_and_stop_strings_cut(tiny_checkpoint):
     stop = full.text[len(full.text) // 2:][:3]
     cut = llm.generate(["does it come in blue?"],
                        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0]
-    assert cut.outputs[0].finish_reason == "stop"
+    assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].stop_reason == stop
     assert cut.outputs[0].text == full.text[:full.text.index(stop)]
     first_token = full.token_ids[0]
     by_id = llm.generate(["does it come in blue?"], SamplingParams(
         temperature=0, max_tokens=30, stop_token_ids=[first_token]))[0].outputs[0]
     assert by_id.token_ids == [first_token] and by_id.finish_reason == "stop"
+    assert by_id.stop_reason == first_token
+    assert full.stop_reason is None
     assert _all_free(llm)
 
 
@@ -286,6 +288,43 @@ def test_eos_stops_generation(moe_pair):
         model.config.eos_token_id = None
     expected = free_run[:free_run.index(free_run[3]) + 1]
     assert out[0].outputs[0].token_ids == expected and out[0].outputs[0].finish_reason == "stop"
+    assert out[0].outputs[0].stop_reason is None  # an end-of-sequence token (vLLM's rule)
+
+
+def test_retract_all_frees_everything_and_recomputes_the_same_output(moe_pair):
+    _, model = moe_pair
+    prompts = _prompts([9, 14, 6])
+    params = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=12, ignore_eos=True)
+    reference = LLM(model, **SMALL).generate(prompts, [params] * 3)
+    llm = LLM(model, **SMALL)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    finished = {}
+    for step in range(200):
+        if step in (3, 9):  # mid-prefill and mid-decode
+            assert engine.retract_all() > 0
+            stats = engine.stats()
+            assert stats.kv_blocks_free == stats.kv_blocks_total and stats.num_running == 0
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        if not engine.has_unfinished_requests():
+            break
+    assert [[c.token_ids for c in finished[f"r{i}"].outputs] for i in range(3)] == [
+        [c.token_ids for c in r.outputs] for r in reference]
+    assert _all_free(llm)
+
+
+def test_abort_request_returns_the_partial_output(moe_pair):
+    _, model = moe_pair
+    llm = LLM(model, **SMALL)
+    llm.engine.add_request("a", _prompts([7])[0], SamplingParams(n=2, max_tokens=30,
+                                                                 ignore_eos=True, seed=1))
+    for _ in range(4):
+        llm.engine.step()
+    out = llm.engine.abort_request("a")
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["abort", "abort"]
+    assert all(0 < len(c.token_ids) < 30 for c in out.outputs)
+    assert llm.engine.abort_request("a") is None and _all_free(llm)
 
 
 # ------------------------------------------------------------------ bad input

@@ -11,35 +11,14 @@ import time
 import httpx2
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from livethinking.engine import LLM, EngineConfig
 from livethinking.server import AsyncEngine, build_app
+from serving import Served as _Served
 
 MODEL = "tiny"
 LONG = {"max_tokens": 10_000, "temperature": 0.0, "ignore_eos": True}  # runs to the context
-
-
-class _Served:
-    """A uvicorn server for ``app`` on a free loopback port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive()
 
 
 def _stats(engine: AsyncEngine):

@@ -22,6 +22,7 @@ class IncrementalDetokenizer:
         self.read = 0
         self.text = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
@@ -38,9 +39,11 @@ class IncrementalDetokenizer:
             start = max(0, len(self.text) - self.holdback - 1)
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-            hits = [at for s in self.stop if (at := self.text.find(s, max(0, start - len(s)))) >= 0]
+            hits = [(at, s) for s in self.stop
+                    if (at := self.text.find(s, max(0, start - len(s)))) >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, self.matched = min(hits, key=lambda hit: hit[0])
+                self.text = self.text[:at]
                 self.stopped = True
         return self.stopped
 

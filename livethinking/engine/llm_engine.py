@@ -135,16 +135,24 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         return ids
 
-    def abort_request(self, request_id: str) -> None:
-        """Cancel a request and free its KV blocks now (unknown ids are ignored)."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its KV blocks now; returns its last output (unfinished
+        samples with finish reason "abort"), or None for an unknown id."""
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
+            return None
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
                 self.scheduler.remove(seq)
+        return self._output(request)
+
+    def retract_all(self) -> int:
+        """Free every request's KV blocks; they are recomputed (with the weights of that
+        time) when stepping resumes, their samples so far kept. Returns the sequences
+        retracted."""
+        return self.scheduler.retract_all()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -234,9 +242,12 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = now
         params = seq.params
-        if request.detokenizers[seq.index].append(token):
-            reason = "stop"
-        elif token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+        detokenizer = request.detokenizers[seq.index]
+        if detokenizer.append(token):
+            reason, seq.stop_reason = "stop", detokenizer.matched
+        elif token in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif token in self.eos_ids and not params.ignore_eos:
             reason = "stop"
         elif seq.num_output_tokens >= request.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
@@ -256,7 +267,7 @@ class LLMEngine:
                 index=seq.index, token_ids=list(seq.output_token_ids),
                 text=detok.visible(seq.is_finished),
                 logprobs=list(seq.logprobs) if seq.params.logprobs else None,
-                finish_reason=seq.finish_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt_ids, completions,
                              request.arrival_time, request.first_token_time,
                              request.seqs[0].num_cached_tokens)

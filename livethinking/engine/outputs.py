@@ -15,6 +15,8 @@ class CompletionOutput:
     top-k/top-p truncation (None when the request did not ask for log-probs).
     ``finish_reason``: None while running, then "stop" (end-of-sequence token, stop token
     or stop string), "length" (max_tokens or the context limit) or "abort".
+    ``stop_reason`` (vLLM's): the stop string or ``stop_token_ids`` id it stopped on; None
+    otherwise, an end-of-sequence token included.
     """
 
     index: int
@@ -22,6 +24,7 @@ class CompletionOutput:
     text: str = ""
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:

@@ -87,6 +87,18 @@ class Scheduler:
                 scheduled.append(seq)
         return [Chunk(seq, 1) for seq in scheduled]
 
+    def retract_all(self) -> int:
+        """Free the KV blocks of every sequence holding some (running ones and those part-
+        way through prefill); they wait again, first, to be recomputed. Returns how many."""
+        holding = list(self.running) + [s for s in self.waiting if s.block_table]
+        for seq in reversed(self.running):
+            self._preempt(seq)
+        for seq in self.waiting:
+            if seq.block_table:
+                self.blocks.free_blocks(seq)
+                seq.num_computed = 0
+        return len(holding)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_blocks(seq)

@@ -42,6 +42,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string it ended on
     needs_fork: bool = False  # the first sample of an n > 1 request is drawn n times
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from livethinking.engine.outputs import RequestOutput
 from livethinking.engine.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineStepError"]
+__all__ = ["PAUSE_MODES", "AsyncEngine", "EngineDeadError", "EngineStepError"]
 
 _log = logging.getLogger(__name__)
 
@@ -63,8 +63,37 @@ class _Stats:
     reply: concurrent.futures.Future
 
 
+@dataclass(slots=True)
+class _Call:
+    """Run ``fn(engine)`` on the engine thread between steps; its result is the reply."""
+
+    fn: object
+    reply: concurrent.futures.Future
+
+
+@dataclass(slots=True)
+class _Pause:
+    mode: str  # PAUSE_MODES
+    reply: concurrent.futures.Future
+
+
+@dataclass(slots=True)
+class _AbortAll:
+    reply: concurrent.futures.Future
+
+
+@dataclass(slots=True)
+class _Resume:
+    reply: concurrent.futures.Future
+
+
 class _Stop:
     pass
+
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+_CONTROLS = (_Call, _Pause, _AbortAll, _Resume)
+_REPLIED = (_Add, _Stats, *_CONTROLS)  # commands whose caller awaits a reply
 
 
 @dataclass(slots=True)
@@ -104,6 +133,7 @@ class AsyncEngine:
         # accepting (under the lock) before its last drain, so none is left unanswered.
         self._accepting = False
         self._accepting_lock = threading.Lock()
+        self._paused = False  # touched by the engine thread only: no stepping while set
 
     @property
     def tokenizer(self):
@@ -185,6 +215,36 @@ class AsyncEngine:
         """Abort a request from any thread (unknown ids are ignored)."""
         self._submit(_Abort(request_id))
 
+    async def call(self, fn):
+        """``fn(engine)`` run on the engine thread between two steps (nothing else touches
+        the engine meanwhile); returns its result or raises its exception."""
+        return await self._ask(lambda reply: _Call(fn, reply))
+
+    async def pause(self, mode: str) -> int:
+        """Stop stepping (SGLang's ``pause_generation`` modes): ``abort`` ends every request
+        now with finish reason "abort" (their consumers get that last output);
+        ``retract`` frees every request's KV blocks, to be recomputed after
+        :meth:`resume`; ``in_place`` keeps everything as it is. Returns the requests
+        aborted or sequences retracted (0 for in_place)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        return await self._ask(lambda reply: _Pause(mode, reply))
+
+    async def abort_all(self) -> int:
+        """End every request now with finish reason "abort" (without pausing); returns
+        how many."""
+        return await self._ask(_AbortAll)
+
+    async def resume(self) -> None:
+        """Step again after :meth:`pause`."""
+        await self._ask(_Resume)
+
+    async def _ask(self, make):
+        self._check_alive()
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(make(reply))
+        return await asyncio.wrap_future(reply)
+
     async def stats(self):
         """The engine's `EngineStats`, read on the engine thread after the commands sent
         before this call were applied."""
@@ -203,7 +263,7 @@ class AsyncEngine:
             if self._accepting:
                 self._commands.put(command)
                 return
-        if isinstance(command, (_Add, _Stats)) and command.reply.set_running_or_notify_cancel():
+        if isinstance(command, _REPLIED) and command.reply.set_running_or_notify_cancel():
             command.reply.set_exception(EngineDeadError("the engine is not running"))
 
     def _check_alive(self) -> None:
@@ -215,8 +275,9 @@ class AsyncEngine:
         failures = 0  # failed steps in a row
         try:
             while True:
-                # Block for a command while idle; otherwise take what is queued and step.
-                if not engine.has_unfinished_requests():
+                # Block for a command while idle or paused; otherwise take what is queued
+                # and step.
+                if not engine.has_unfinished_requests() or self._paused:
                     if not self._apply(self._commands.get()):
                         return
                 while True:
@@ -226,7 +287,7 @@ class AsyncEngine:
                         break
                     if not self._apply(command):
                         return
-                if engine.has_unfinished_requests():
+                if engine.has_unfinished_requests() and not self._paused:
                     try:
                         self._step()
                     except Exception:
@@ -271,9 +332,36 @@ class AsyncEngine:
                     command.reply.set_result(self.engine.stats())
                 except Exception as exc:
                     command.reply.set_exception(exc)
+        elif isinstance(command, _CONTROLS):
+            if command.reply.set_running_or_notify_cancel():
+                try:
+                    command.reply.set_result(self._control(command))
+                except Exception as exc:
+                    command.reply.set_exception(exc)
         elif isinstance(command, _Stop):
             return False
         return True
+
+    def _control(self, command):
+        if isinstance(command, _Call):
+            return command.fn(self.engine)
+        if isinstance(command, _Resume):
+            self._paused = False
+            return None
+        if isinstance(command, _AbortAll):
+            return self._abort_all()
+        self._paused = True
+        if command.mode == "retract":
+            return self.engine.retract_all()
+        return self._abort_all() if command.mode == "abort" else 0
+
+    def _abort_all(self) -> int:
+        routes, self._routes = self._routes, {}
+        for request_id, route in routes.items():
+            output = self.engine.abort_request(request_id)
+            if output is not None:
+                route.put(output)  # finished, with finish reason "abort"
+        return len(routes)
 
     def _step(self) -> None:
         for output in self.engine.step():
@@ -315,5 +403,5 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, (_Add, _Stats)) and command.reply.set_running_or_notify_cancel():
+            if isinstance(command, _REPLIED) and command.reply.set_running_or_notify_cancel():
                 command.reply.set_exception(dead)

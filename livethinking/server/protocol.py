@@ -101,11 +101,14 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions. ``prompt``: a string, a list of token ids, or a batch (a list
     of strings or of token-id lists; each prompt gets ``n`` choices, numbered
     ``prompt_index * n + sample_index``). ``logprobs``: report the sampled tokens'
-    log-probs (0..5)."""
+    log-probs (0..5). ``return_token_ids`` (vLLM's): each choice also holds
+    ``prompt_token_ids`` and its ``token_ids`` (streamed: the chunk's new ids, the prompt's
+    ids in a choice's first chunk)."""
 
     prompt: Prompt
     max_tokens: StrictInt | None = Field(16, ge=1, le=_MAX_INT64)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    return_token_ids: StrictBool = False
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -298,7 +301,8 @@ def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
 
 
 ErrorType = Literal["invalid_request_error", "rate_limit_error", "server_error",
-                    "service_unavailable_error", "not_found_error"]
+                    "service_unavailable_error", "not_found_error", "authentication_error",
+                    "permission_error"]
 
 
 def error_body(message: str, type_: ErrorType = "invalid_request_error",

@@ -29,9 +29,11 @@ def _usage(lasts: list[RequestOutput]) -> dict:
 
 
 def whole_response(tokenizer, model: str, kind: str, want_logprobs: bool, request_id: str,
-                   created: int, lasts: list[RequestOutput], n: int) -> dict:
+                   created: int, lasts: list[RequestOutput], n: int,
+                   return_token_ids: bool = False) -> dict:
     """The ``text_completion`` or ``chat.completion`` of the finished outputs, one per
-    prompt."""
+    prompt (completions' choices with ``prompt_token_ids`` and ``token_ids`` when
+    ``return_token_ids``)."""
     choices = []
     for p, last in enumerate(lasts):
         for c in sorted(last.outputs, key=lambda c: c.index):
@@ -43,6 +45,9 @@ def whole_response(tokenizer, model: str, kind: str, want_logprobs: bool, reques
                 lp = (P.completion_logprobs(tokenizer, c.token_ids, c.logprobs)
                       if want_logprobs else None)
                 choices.append(P.completion_choice(index, c.text, c.finish_reason, lp))
+                if return_token_ids:
+                    choices[-1].update(prompt_token_ids=list(last.prompt_token_ids),
+                                       token_ids=list(c.token_ids))
     build = P.chat_response if kind == "chat" else P.completion_response
     return build(request_id, created, model, choices, _usage(lasts))
 
@@ -51,7 +56,7 @@ async def stream_events(tokenizer, model: str, kind: str, request_id: str, creat
                         firsts: list[RequestOutput],
                         outputs: AsyncIterator[tuple[int, RequestOutput]],
                         trackers: list[RequestTracker], include_usage: bool,
-                        n: int) -> AsyncIterator[str]:
+                        n: int, return_token_ids: bool = False) -> AsyncIterator[str]:
     """The SSE events of one request: its first outputs, then ``(prompt, output)`` pairs
     as they come; closing it early closes ``outputs`` (which aborts the requests). A
     failure mid-stream ends the stream with an error event, never a traceback."""
@@ -60,12 +65,14 @@ async def stream_events(tokenizer, model: str, kind: str, request_id: str, creat
     text_offsets = [0] * (len(firsts) * n)  # completions' text_offset per choice
     want_logprobs = any(c.logprobs is not None for f in firsts for c in f.outputs)
     lasts = list(firsts)
+    sent_prompt_ids: set[int] = set()  # choices whose chunk carried prompt_token_ids
 
     def chunk(p: int, output: RequestOutput) -> str | None:
         choices = []
         for d in deltas[p].deltas(output):
             index = p * n + d.index
-            if not d.text and d.finish_reason is None and not want_logprobs:
+            if not d.text and d.finish_reason is None and not want_logprobs \
+                    and not (return_token_ids and d.token_ids):
                 continue  # tokens that do not complete a character yet
             if chat:
                 lp = (P.chat_logprobs(tokenizer, d.token_ids, d.logprobs)
@@ -80,6 +87,11 @@ async def stream_events(tokenizer, model: str, kind: str, request_id: str, creat
                                                text_offsets[index])
                     text_offsets[index] += len(d.text)
                 choices.append(P.completion_choice(index, d.text, d.finish_reason, lp))
+                if return_token_ids:
+                    choices[-1]["token_ids"] = list(d.token_ids)
+                    if index not in sent_prompt_ids:
+                        sent_prompt_ids.add(index)
+                        choices[-1]["prompt_token_ids"] = list(output.prompt_token_ids)
         if not choices:
             return None
         build = P.chat_chunk if chat else P.completion_response
