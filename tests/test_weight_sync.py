@@ -3,11 +3,7 @@ flat buckets, and the broadcast to two real ``livethinking serve`` processes on 
 (gloo), checked bit for bit (weights checksum) and by greedy output against the
 in-process engine on the saved model."""
 
-import os
-import subprocess
-import sys
 import threading
-import time
 
 import httpx2
 import pytest
@@ -19,7 +15,7 @@ from livethinking.engine.weight_transfer import (broadcast_tensors, destroy_tran
                                                  parse_dtype, unflatten_bucket)
 from livethinking.engine.weight_update import WeightLoader, hf_named_tensors, weights_checksum
 from livethinking.model import CausalLM
-from serving import free_port
+from serving import free_port, server_processes
 
 KEY = "trainer-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -95,53 +91,10 @@ def test_parse_dtype():
 
 # --- two rollout servers ---------------------------------------------------------------------
 
-class _ServerProcess:
-    """``livethinking serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, checkpoint) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "livethinking", "serve", "--model", str(checkpoint),
-             "--device", "cpu", "--port", str(self.port), "--enable-weight-updates",
-             "--api-key", KEY, "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def wait_ready(self, timeout=120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited: {self.process.stderr.read()}")
-            try:
-                if httpx2.get(f"{self.url}/health", headers=AUTH, timeout=2).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("the server did not start")
-
-    def post(self, path, body, timeout=120):
-        return httpx2.post(f"{self.url}{path}", json=body, headers=AUTH, timeout=timeout)
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint):
-    procs = [_ServerProcess(tiny_checkpoint) for _ in range(2)]
-    try:
-        for p in procs:
-            p.wait_ready()
+    with server_processes(tiny_checkpoint, 2, api_key=KEY) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.close()
 
 
 def _together(calls):

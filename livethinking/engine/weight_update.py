@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["WeightLoader", "hf_named_tensors", "weights_checksum"]
+__all__ = ["WeightLoader", "hf_named_tensors", "hf_state_items", "weights_checksum"]
 
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -83,10 +83,17 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
     and projection, tied ``lm_head.weight`` left out), as detached views: what a trainer
     sends a server that loads transformers' names (ours, SGLang, vLLM)."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    for name, param in model.named_parameters():
-        if tied and name == "lm_head.weight":
+    return hf_state_items(model.named_parameters(), tie_word_embeddings=tied)
+
+
+def hf_state_items(items: Iterable[tuple[str, torch.Tensor]], *, tie_word_embeddings: bool
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`hf_named_tensors` of ``(name, tensor)`` pairs in our names (a state dict's
+    items, e.g. gathered from FSDP shards)."""
+    for name, tensor in items:
+        if tie_word_embeddings and name == "lm_head.weight":
             continue
-        t = param.detach()
+        t = tensor.detach()
         m = _FUSED_KEY.match(name)
         if m is None:
             yield name, t

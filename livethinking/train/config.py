@@ -143,11 +143,24 @@ class RFTConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RolloutConfig:
-    """G samples per prompt from the in-process engine (shared weights) or external
-    OpenAI-compatible servers (``base_urls``; their log-probs get an importance-sampling
-    correction against the trainer's)."""
+    """G samples per prompt from the in-process engine (shared weights), from rollout
+    servers that follow the policy (``servers``: their root URLs, ``livethinking serve
+    --enable-weight-updates`` or SGLang; tokens in and out through ``/generate``; the
+    trainer pushes its weights after every optimizer step, ``weight_sync: distributed``
+    as flat buckets of ``bucket_mb`` over a process group, or ``disk`` as a checkpoint
+    the servers load), or from OpenAI-compatible servers that keep their own weights
+    (``openai``: ``base_urls``; the text is re-tokenised). External log-probs get the
+    truncated importance correction against the trainer's (``is_cap``). ``api_key``:
+    sent as a Bearer token (default: ``$LIVETHINKING_API_KEY``)."""
 
-    source: Literal["engine", "openai"] = "engine"
+    source: Literal["engine", "servers", "openai"] = "engine"
+    servers: list[str] = field(default_factory=list)
+    server_kind: Literal["livethinking", "sglang", "vllm"] = "livethinking"
+    weight_sync: Literal["distributed", "disk"] = "distributed"
+    bucket_mb: float = 512.0
+    api_key: str | None = None
+    master_address: str = "127.0.0.1"  # this trainer's address as the servers reach it
+    master_port: int = 0  # 0: a free port
     base_urls: list[str] = field(default_factory=list)
     served_model: str | None = None
     group_size: int = 8
@@ -162,6 +175,22 @@ class RolloutConfig:
         _positive(self, "group_size", "max_tokens", "temperature", "is_cap")
         if self.source == "openai" and not (self.base_urls and self.served_model):
             raise ValueError("openai rollouts need base_urls and served_model")
+        if self.source == "servers":
+            if not self.servers:
+                raise ValueError("rollout.source servers needs rollout.servers: the servers' "
+                                 "root URLs (http://host:port)")
+            bad = [u for u in self.servers if not u.startswith(("http://", "https://"))
+                   or u.rstrip("/").endswith("/v1")]
+            if bad:
+                raise ValueError(f"rollout.servers are the servers' root URLs "
+                                 f"(http://host:port, no /v1), got {bad}")
+            if self.server_kind == "vllm":
+                raise ValueError("rollout.server_kind vllm (its native weight-transfer API) "
+                                 "is not implemented yet; use livethinking or sglang")
+        if self.bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be in [0, 65535], got {self.master_port}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -35,7 +35,7 @@ from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
                                           policy_loss_backward)
 from livethinking.train.loop import TrainingRun, run_training
-from livethinking.train.rollout import engine_rollouts, openai_rollouts
+from livethinking.train.rollout import engine_rollouts, openai_rollouts, server_rollouts
 
 __all__ = ["GRPOTrainer", "PLOTS", "PromptStream", "measure_l_ref", "reward_stats",
            "run_grpo"]
@@ -129,6 +129,9 @@ class GRPOTrainer:
         self.l_ref: float | None = config.reward.l_ref
         self.reward_fn = None
         self.update_stats: list[dict[str, float]] = []  # the last step's, one per update
+        self.pool = None  # rollout servers (rollout.source: servers)
+        self.pusher = None  # rank 0's weight sync with them
+        self.weight_version = "0"  # the policy the servers hold: optimizer steps taken
 
     # ------------------------------------------------------------------ the skeleton's hooks
     def prepare(self, run: TrainingRun) -> tuple[int, int]:
@@ -152,11 +155,18 @@ class GRPOTrainer:
                        max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
         self.stream = PromptStream(len(self.records), config.run.seed)
+        if config.rollout.source == "servers":
+            self.pool, self.pusher = _server_rollouts(config, dist.rank)
         return config.steps, config.steps * config.updates_per_batch
 
     def start(self, state: dict | None) -> None:
         if state is not None:
             self.stream.cursor, self.l_ref = int(state["cursor"]), state["l_ref"]
+            self.weight_version = str(state.get("weight_version", "0"))
+        if self.pool is not None:  # the servers start from the trainer's policy, bit for bit
+            push = self.push_weights()
+            self.run.log(f"grpo: weights version {self.weight_version} pushed to "
+                         f"{int(push.get('push_servers', 0))} rollout servers")
         if self.l_ref is None and self.config.reward.w_length:
             self.l_ref = measure_l_ref(self.config, self.llm, self.run.tokenizer, self.records)
             self.run.log(f"grpo: L_ref = {self.l_ref:.1f} tokens (the starting model's mean "
@@ -164,7 +174,8 @@ class GRPOTrainer:
         self.reward_fn = _reward_fn(self.config, self.l_ref or 1.0)
 
     def checkpoint_state(self) -> dict:
-        return {"cursor": self.stream.cursor, "l_ref": self.l_ref}
+        return {"cursor": self.stream.cursor, "l_ref": self.l_ref,
+                "weight_version": self.weight_version}
 
     def postfix(self, stats: dict[str, float]) -> dict[str, str]:
         return {"reward": f"{stats['reward/total']:.3f}",
@@ -197,7 +208,42 @@ class GRPOTrainer:
             keys = sorted(stats)
             stats = dict(zip(keys, (v / dist.world_size
                                     for v in all_reduce_sum([stats[k] for k in keys], dist))))
+        if self.pool is not None and groups:  # the servers follow the updated policy
+            self.weight_version = str(int(self.weight_version) + len(self.update_stats))
+            stats |= self.push_weights()
         return stats
+
+    def finish(self) -> None:
+        """Leave the weight-sync group and close the connections to the servers."""
+        if self.pusher is not None:
+            self.pusher.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def push_weights(self) -> dict[str, float]:
+        """Push the policy as ``weight_version`` from rank 0 (a collective: every rank
+        calls it, and none samples again before the servers hold it); rank 0's stats."""
+        from livethinking.engine.weight_update import hf_state_items
+        from livethinking.model.checkpoint import save_checkpoint
+
+        run, dist = self.run, self.run.dist
+        state = full_state_dict(run.model, dist) if dist.world_size > 1 else None
+        stats = {"push_s": 0.0, "push_gb": 0.0, "push_gb_per_s": 0.0, "push_servers": 0.0}
+        if dist.rank == 0:
+            model_config = run.model.config
+            items = state.items() if state is not None else run.model.named_parameters()
+            named = list(hf_state_items(items, tie_word_embeddings=bool(
+                model_config.tie_word_embeddings)))
+
+            def save(path):
+                weights = state if state is not None else run.model.state_dict()
+                return save_checkpoint(weights, model_config.to_dict(), path)
+
+            result = self.pusher.push(named, self.weight_version, save=save)
+            stats = {"push_s": result.seconds, "push_gb": result.nbytes / 1e9,
+                     "push_gb_per_s": result.gb_per_s, "push_servers": float(len(result.servers))}
+        all_reduce_sum([0.0], dist)  # nobody samples before the push landed
+        return stats | self.pool.stats()
 
     # ------------------------------------------------------------------ the step's parts
     def rollouts(self, picks: list[tuple[int, int]]):
@@ -208,6 +254,9 @@ class GRPOTrainer:
         seeds = [config.run.seed * 1000003 + cursor for _, cursor in picks]
         if config.rollout.source == "engine":
             return engine_rollouts(self.llm, chosen, prompts, config.rollout, seeds)
+        if config.rollout.source == "servers":
+            return server_rollouts(self.pool, chosen, prompts, config.rollout, seeds,
+                                   eos_token_ids=set(self.llm.engine.eos_ids))
         return openai_rollouts(tokenizer, chosen, prompts, config.rollout, seeds)
 
     def collect(self):
@@ -262,7 +311,7 @@ class GRPOTrainer:
         model, dist, G = run.model, run.dist, config.rollout.group_size
         batch = build_batch(rollouts, run.device)
         temperature = config.rollout.temperature
-        external = config.rollout.source == "openai"
+        external = config.rollout.source != "engine"
         old = None
         if config.updates_per_batch > 1 or external:
             if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
@@ -294,3 +343,22 @@ class GRPOTrainer:
             self.update_stats.append(result | run.optimizer.step())
         return {key: statistics.fmean(s[key] for s in self.update_stats)
                 for key in self.update_stats[0]}
+
+
+def _server_rollouts(config: GRPOConfig, rank: int):
+    """The pool of rollout servers, and on rank 0 the pusher of weights to them."""
+    import os
+    from pathlib import Path
+
+    from livethinking.rollout import ServerPool, WeightPusher
+
+    rc = config.rollout
+    pool = ServerPool(rc.servers, api_key=rc.api_key or os.environ.get("LIVETHINKING_API_KEY")
+                      or None)
+    pusher = None
+    if rank == 0:
+        pusher = WeightPusher(pool=pool, mode=rc.weight_sync,
+                              bucket_bytes=max(1, int(rc.bucket_mb * 2**20)),
+                              master_address=rc.master_address, master_port=rc.master_port,
+                              disk_dir=Path(config.run.output_dir) / "weight-sync")
+    return pool, pusher

@@ -70,6 +70,9 @@ class Algorithm(Protocol):
     def postfix(self, stats: dict[str, float]) -> dict[str, str]:
         """The progress bar's summary of a step."""
 
+    # optional: ``finish()`` releases what the algorithm holds (connections, process groups);
+    # run_training calls it once at the end, also after a failure
+
 
 def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Path:
     """Run ``algorithm`` under ``config`` (RFTConfig / GRPOConfig: model, eval_data,
@@ -121,17 +124,23 @@ def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Pa
     progress = _progress(settings.progress and dist.is_main, total, start, algorithm.name)
     if checkpoint is None:
         maybe_evaluate(0)
-    for step in range(start, total):
-        stats = algorithm.step(step)
-        if logger is not None and ((step + 1) % settings.log_every == 0 or step + 1 == total):
-            logger.log(step + 1, stats)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(algorithm.postfix(stats))
-        maybe_evaluate(step + 1)
-        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
-            checkpoint_collectively(run.out, step + 1, model, tokenizer, run.optimizer,
-                                    algorithm.checkpoint_state(), config_json, dist)
+    try:
+        for step in range(start, total):
+            stats = algorithm.step(step)
+            if logger is not None and ((step + 1) % settings.log_every == 0
+                                       or step + 1 == total):
+                logger.log(step + 1, stats)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(algorithm.postfix(stats))
+            maybe_evaluate(step + 1)
+            if settings.save_every and (step + 1) % settings.save_every == 0 \
+                    and step + 1 < total:
+                checkpoint_collectively(run.out, step + 1, model, tokenizer, run.optimizer,
+                                        algorithm.checkpoint_state(), config_json, dist)
+    finally:
+        if hasattr(algorithm, "finish"):
+            algorithm.finish()
     if progress is not None:
         progress.close()
     final = save_final_model(run.out / "final", model, tokenizer, dist)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from livethinking.data import LivestreamRecord
 from livethinking.train.config import RolloutConfig
 
-__all__ = ["Rollout", "engine_rollouts", "openai_rollouts"]
+__all__ = ["Rollout", "engine_rollouts", "openai_rollouts", "server_rollouts"]
 
 
 @dataclass(slots=True)
@@ -19,6 +19,7 @@ class Rollout:
     completion_ids: list[int]  # includes the end-of-sequence token when the model stopped
     text: str
     logprobs: list[float] | None  # the sampler's, under softmax(logits / temperature)
+    weight_version: str | None = None  # of the policy that sampled it (servers only)
 
 
 def engine_rollouts(llm, records: list[LivestreamRecord], prompts: list[list[int]],
@@ -62,3 +63,17 @@ def openai_rollouts(tokenizer, records: list[LivestreamRecord], prompts: list[li
 
     with ThreadPoolExecutor(max_workers=max(1, 4 * len(clients))) as pool:
         return list(pool.map(ask, enumerate(zip(records, prompts, seeds))))
+
+
+def server_rollouts(pool, records: list[LivestreamRecord], prompts: list[list[int]],
+                    config: RolloutConfig, seeds: list[int], *,
+                    eos_token_ids: set[int]) -> list[list[Rollout]]:
+    """One group per prompt from the rollout servers (``ServerPool``): the servers' own
+    token ids and sampler log-probs, and the weight version that sampled them."""
+    params = [{"n": config.group_size, "temperature": config.temperature,
+               "top_p": config.top_p, "top_k": config.top_k or -1,
+               "max_new_tokens": config.max_tokens, "sampling_seed": seed} for seed in seeds]
+    pool.refresh_health()
+    answers = pool.generate_many(prompts, params, eos_token_ids=eos_token_ids)
+    return [[Rollout(record, prompt, s.token_ids, s.text, s.logprobs, s.weight_version)
+             for s in samples] for record, prompt, samples in zip(records, prompts, answers)]

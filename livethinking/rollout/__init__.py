@@ -1,0 +1,8 @@
+"""Where rollouts come from beyond the in-process engine (floor 5): remote inference
+servers spoken to over HTTP with token ids in and out (`ServerPool`), and the trainer's
+weights pushed to them after each optimizer step (`WeightPusher`)."""
+
+from livethinking.rollout.servers import RemoteSample, ServerDown, ServerPool
+from livethinking.rollout.weight_push import PushResult, WeightPusher, buckets
+
+__all__ = ["PushResult", "RemoteSample", "ServerDown", "ServerPool", "WeightPusher", "buckets"]

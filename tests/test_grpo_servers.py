@@ -1,0 +1,107 @@
+"""GRPO with rollouts from two ``livethinking serve`` processes that follow the policy:
+after every push the servers hold the trainer's weights bit for bit (weights checksum),
+for ``weight_sync: distributed`` (gloo on loopback) and ``disk``; the final policy's greedy
+answers through ``/generate`` equal the in-process engine's on the saved model; a server
+killed mid-run leaves the run going on the other one."""
+
+import json
+
+import httpx2
+import pytest
+
+from livethinking.engine import LLM, SamplingParams
+from livethinking.engine.weight_update import weights_checksum
+from livethinking.train.config import (GRPOConfig, LossConfig, OptimConfig, RolloutConfig,
+                                       RunConfig)
+from livethinking.train.grpo import GRPOTrainer, run_grpo
+from serving import server_processes
+
+SYSTEM = "Answer the viewer from the product document."
+KEY = "trainer-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def two_servers(demo_setup):
+    with server_processes(demo_setup[2], 2, api_key=KEY) as procs:
+        yield procs
+
+
+def _config(tmp_path, student, paths, servers, **rollout):
+    return GRPOConfig(
+        model=str(student), train_data=str(paths.train), system_prompt=SYSTEM, steps=3,
+        prompts_per_step=4, updates_per_batch=1,
+        rollout=RolloutConfig(source="servers", servers=[s.url for s in servers],
+                              api_key=KEY, group_size=4, max_tokens=16, bucket_mb=0.05,
+                              **rollout),
+        loss=LossConfig(beta=0.0), optim=OptimConfig(lr=1e-2),
+        run=RunConfig(output_dir=str(tmp_path / "grpo"), seed=0, progress=False,
+                      tensorboard=False, plots=False))
+
+
+def _checksums(servers):
+    return [httpx2.get(f"{s.url}/get_weights_checksum", headers=AUTH, timeout=30).json()
+            for s in servers if s.process.poll() is None]
+
+
+@pytest.fixture
+def pushes(monkeypatch):
+    """Every push of the run: (the trainer's checksum and version, the servers' answers)."""
+    seen = []
+    original = GRPOTrainer.push_weights
+
+    def checked(self):
+        stats = original(self)
+        seen.append((weights_checksum(self.run.model), self.weight_version,
+                     _checksums(self.pool_servers), stats))
+        return stats
+
+    monkeypatch.setattr(GRPOTrainer, "push_weights", checked)
+    return seen
+
+
+@pytest.mark.parametrize("weight_sync", ["distributed", "disk"])
+def test_servers_follow_the_policy_bit_for_bit(tmp_path, demo_setup, two_servers, pushes,
+                                               monkeypatch, weight_sync):
+    paths, _, student = demo_setup
+    monkeypatch.setattr(GRPOTrainer, "pool_servers", two_servers, raising=False)
+    final = run_grpo(_config(tmp_path, student, paths, two_servers, weight_sync=weight_sync),
+                     log=lambda *_: None)
+    assert [version for _, version, _, _ in pushes] == ["0", "1", "2", "3"]
+    for trainer_sum, version, answers, stats in pushes:
+        assert answers == [{"checksum": trainer_sum, "weight_version": version}] * 2
+        assert stats["push_servers"] == 2 and stats["push_gb"] > 0
+    assert len({s for s, _, _, _ in pushes}) == 4  # every step moved the weights
+    prompt = [5, 17, 29, 41]
+    fresh = LLM(final, device="cpu").generate([prompt], [SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True)])[0].outputs[0].token_ids
+    for server in two_servers:
+        out = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}}).json()
+        assert out["output_ids"] == fresh and out["meta_info"]["weight_version"] == "3"
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    steps = [r for r in rows if "push_s" in r]
+    assert len(steps) == 3 and all(r["servers_healthy"] == 2 for r in steps)
+
+
+def test_a_killed_server_leaves_the_run_on_the_other(tmp_path, demo_setup, two_servers,
+                                                     pushes, monkeypatch):
+    paths, _, student = demo_setup
+    monkeypatch.setattr(GRPOTrainer, "pool_servers", two_servers, raising=False)
+    original = GRPOTrainer.rollouts
+
+    def rollouts_then_kill(self, picks):
+        groups = original(self, picks)
+        if self.weight_version == "1" and two_servers[1].process.poll() is None:
+            two_servers[1].process.kill()  # gone between its answers and the next push
+            two_servers[1].process.wait(30)
+        return groups
+
+    monkeypatch.setattr(GRPOTrainer, "rollouts", rollouts_then_kill)
+    run_grpo(_config(tmp_path, student, paths, two_servers), log=lambda *_: None)
+    assert [v for _, v, _, _ in pushes] == ["0", "1", "2", "3"]
+    assert [len(answers) for _, _, answers, _ in pushes] == [2, 2, 1, 1]
+    for trainer_sum, version, answers, stats in pushes:
+        assert all(a == {"checksum": trainer_sum, "weight_version": version} for a in answers)
+    assert [stats["push_servers"] for *_, stats in pushes] == [2, 2, 1, 1]
+    assert pushes[-1][3]["server_failures"] >= 1 and pushes[-1][3]["servers_healthy"] == 1
