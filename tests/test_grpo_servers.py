@@ -105,3 +105,40 @@ def test_a_killed_server_leaves_the_run_on_the_other(tmp_path, demo_setup, two_s
         assert all(a == {"checksum": trainer_sum, "weight_version": version} for a in answers)
     assert [stats["push_servers"] for *_, stats in pushes] == [2, 2, 1, 1]
     assert pushes[-1][3]["server_failures"] >= 1 and pushes[-1][3]["servers_healthy"] == 1
+
+
+def test_max_staleness_one_samples_ahead_and_stays_in_bounds(tmp_path, demo_setup, two_servers,
+                                                             pushes, monkeypatch):
+    paths, _, student = demo_setup
+    monkeypatch.setattr(GRPOTrainer, "pool_servers", two_servers, raising=False)
+    config = _config(tmp_path, student, paths, two_servers, max_staleness=1)
+    config.steps = 4
+    run_grpo(config, log=lambda *_: None)
+    assert [v for _, v, _, _ in pushes] == ["0", "1", "2", "3", "4"]
+    for trainer_sum, version, answers, _ in pushes:  # pushed while sampling went on
+        assert answers == [{"checksum": trainer_sum, "weight_version": version}] * 2
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    steps = [r for r in rows if "push_s" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["staleness/0"] + r["staleness/1"] == pytest.approx(1.0)
+        assert r["trainer_idle_s"] >= 0 and r["rollout_busy_s"] > 0
+    # the batch of step k + 1 was begun on the weights of step k - 1 while step k trained
+    assert max(r["staleness/1"] for r in steps[1:]) > 0
+    assert steps[0]["staleness/0"] == 1.0
+    assert len({s for s, _, _, _ in pushes}) == 5
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"source": "servers"}, "needs rollout.servers"),
+    ({"source": "servers", "servers": ["http://h:1/v1"]}, "root URLs"),
+    ({"source": "servers", "servers": ["h:1"]}, "root URLs"),
+    ({"source": "servers", "servers": ["http://h:1"], "server_kind": "vllm"}, "not implemented"),
+    ({"source": "engine", "max_staleness": 1}, "needs rollout.source servers"),
+    ({"source": "servers", "servers": ["http://h:1"], "max_staleness": -1}, "max_staleness"),
+    ({"source": "servers", "servers": ["http://h:1"], "bucket_mb": 0}, "bucket_mb"),
+    ({"source": "servers", "servers": ["http://h:1"], "master_port": 70000}, "master_port"),
+])
+def test_server_rollout_settings_are_checked(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        RolloutConfig(**kwargs)

@@ -151,7 +151,9 @@ class RolloutConfig:
     the servers load), or from OpenAI-compatible servers that keep their own weights
     (``openai``: ``base_urls``; the text is re-tokenised). External log-probs get the
     truncated importance correction against the trainer's (``is_cap``). ``api_key``:
-    sent as a Bearer token (default: ``$LIVETHINKING_API_KEY``)."""
+    sent as a Bearer token (default: ``$LIVETHINKING_API_KEY``). ``max_staleness: k > 0``
+    (servers): the next steps' rollouts are sampled while the current step trains, at most
+    k steps ahead; groups with a sample more than k weight versions old are dropped."""
 
     source: Literal["engine", "servers", "openai"] = "engine"
     servers: list[str] = field(default_factory=list)
@@ -161,6 +163,7 @@ class RolloutConfig:
     api_key: str | None = None
     master_address: str = "127.0.0.1"  # this trainer's address as the servers reach it
     master_port: int = 0  # 0: a free port
+    max_staleness: int = 0  # servers: sample up to this many steps ahead (0: synchronous)
     base_urls: list[str] = field(default_factory=list)
     served_model: str | None = None
     group_size: int = 8
@@ -187,6 +190,11 @@ class RolloutConfig:
             if self.server_kind == "vllm":
                 raise ValueError("rollout.server_kind vllm (its native weight-transfer API) "
                                  "is not implemented yet; use livethinking or sglang")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.max_staleness and self.source != "servers":
+            raise ValueError("max_staleness > 0 needs rollout.source servers (the in-process "
+                             "engine shares the policy's weights)")
         if self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
         if not 0 <= self.master_port < 65536:

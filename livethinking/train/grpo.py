@@ -131,7 +131,8 @@ class GRPOTrainer:
         self.update_stats: list[dict[str, float]] = []  # the last step's, one per update
         self.pool = None  # rollout servers (rollout.source: servers)
         self.pusher = None  # rank 0's weight sync with them
-        self.weight_version = "0"  # the policy the servers hold: optimizer steps taken
+        self.weight_version = "0"  # the policy the servers hold: trainer steps pushed
+        self.ahead = None  # rollouts sampled ahead of training (rollout.max_staleness > 0)
 
     # ------------------------------------------------------------------ the skeleton's hooks
     def prepare(self, run: TrainingRun) -> tuple[int, int]:
@@ -156,6 +157,9 @@ class GRPOTrainer:
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
         self.stream = PromptStream(len(self.records), config.run.seed)
         if config.rollout.source == "servers":
+            if config.rollout.max_staleness and dist.world_size > 1:
+                raise ConfigError("rollout.max_staleness > 0 needs a single trainer process; "
+                                  "use max_staleness 0 under torchrun")
             self.pool, self.pusher = _server_rollouts(config, dist.rank)
         return config.steps, config.steps * config.updates_per_batch
 
@@ -167,6 +171,12 @@ class GRPOTrainer:
             push = self.push_weights()
             self.run.log(f"grpo: weights version {self.weight_version} pushed to "
                          f"{int(push.get('push_servers', 0))} rollout servers")
+        if self.config.rollout.max_staleness:
+            from livethinking.rollout import RolloutsAhead
+
+            take = self.config.prompts_per_step
+            self.ahead = RolloutsAhead(lambda: self.rollouts(self.stream.take(take)),
+                                       max_ahead=self.config.rollout.max_staleness)
         if self.l_ref is None and self.config.reward.w_length:
             self.l_ref = measure_l_ref(self.config, self.llm, self.run.tokenizer, self.records)
             self.run.log(f"grpo: L_ref = {self.l_ref:.1f} tokens (the starting model's mean "
@@ -209,12 +219,14 @@ class GRPOTrainer:
             stats = dict(zip(keys, (v / dist.world_size
                                     for v in all_reduce_sum([stats[k] for k in keys], dist))))
         if self.pool is not None and groups:  # the servers follow the updated policy
-            self.weight_version = str(int(self.weight_version) + len(self.update_stats))
+            self.weight_version = str(int(self.weight_version) + 1)
             stats |= self.push_weights()
         return stats
 
     def finish(self) -> None:
-        """Leave the weight-sync group and close the connections to the servers."""
+        """Stop sampling ahead, leave the weight-sync group, close the connections."""
+        if self.ahead is not None:
+            self.ahead.close()
         if self.pusher is not None:
             self.pusher.close()
         if self.pool is not None:
@@ -263,6 +275,8 @@ class GRPOTrainer:
         """(groups, their reward breakdowns, stats). Under data parallelism every rank draws
         the same prompt picks (the cursor advances alike) and keeps every world_size-th;
         ranks then agree on the smallest group count so their FSDP collectives match."""
+        if self.ahead is not None:
+            return self.collect_ahead()
         began = time.perf_counter()
         config, dist = self.config, self.run.dist
         world, rank = dist.world_size, dist.rank
@@ -274,11 +288,8 @@ class GRPOTrainer:
                 break
             picks = self.stream.take(int(missing) * world)[rank::world]
             for group in self.rollouts(picks):
-                breakdown = self.reward_fn.score_many(
-                    [r.record for r in group], [r.text for r in group],
-                    [len(r.completion_ids) for r in group])
-                totals = [b.total for b in breakdown]
-                if config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
+                breakdown = self.score(group)
+                if breakdown is None:
                     dropped += 1
                     continue
                 if len(groups) < want:
@@ -289,6 +300,50 @@ class GRPOTrainer:
         stats = {"groups_dropped": dropped, "refill_rounds": rounds - 1,
                  "rollout_s": time.perf_counter() - began}
         return groups[:int(keep)], scores[:int(keep)], stats
+
+    def score(self, group):
+        """The group's reward breakdowns, or None when dynamic sampling drops it (every
+        reward equal: no advantage to learn from)."""
+        breakdown = self.reward_fn.score_many([r.record for r in group], [r.text for r in group],
+                                              [len(r.completion_ids) for r in group])
+        totals = [b.total for b in breakdown]
+        if self.config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
+            return None
+        return breakdown
+
+    def collect_ahead(self):
+        """`collect` from the batches sampled ahead: groups with a sample more than
+        ``max_staleness`` versions behind the policy are dropped (``groups_stale``); the
+        rest are scored and filtered as usual. Stats add the staleness histogram
+        (``staleness/d``: the fraction of kept samples d versions old) and both sides' idle
+        seconds."""
+        began = time.perf_counter()
+        config, k = self.config, self.config.rollout.max_staleness
+        current = int(self.weight_version)
+        groups, scores, dropped, stale, waited, rounds = [], [], 0, 0, 0.0, 0
+        lags: list[int] = []
+        while len(groups) < config.prompts_per_step and rounds <= config.max_refill_rounds:
+            batch, wait = self.ahead.get()
+            waited, rounds = waited + wait, rounds + 1
+            for group in batch:
+                group_lags = [current - _version(r.weight_version, current) for r in group]
+                if max(group_lags) > k:
+                    stale += 1
+                    continue
+                breakdown = self.score(group)
+                if breakdown is None:
+                    dropped += 1
+                    continue
+                if len(groups) < config.prompts_per_step:
+                    groups.append(group)
+                    scores.append(breakdown)
+                    lags += group_lags
+        stats = {"groups_dropped": dropped, "groups_stale": stale, "refill_rounds": rounds - 1,
+                 "rollout_s": time.perf_counter() - began, "trainer_idle_s": waited,
+                 "rollout_busy_s": self.ahead.producer_busy_s,
+                 "rollout_idle_s": self.ahead.producer_idle_s}
+        stats |= {f"staleness/{d}": lags.count(d) / max(1, len(lags)) for d in range(k + 1)}
+        return groups, scores, stats
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """rewards (n,) of this rank's groups -> advantages (n,) on the device, computed on
@@ -362,3 +417,11 @@ def _server_rollouts(config: GRPOConfig, rank: int):
                               master_address=rc.master_address, master_port=rc.master_port,
                               disk_dir=Path(config.run.output_dir) / "weight-sync")
     return pool, pusher
+
+
+def _version(label: str | None, default: int) -> int:
+    """A server's weight version label as the step count it stands for."""
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        return default
