@@ -119,9 +119,14 @@ def test_pretraining_texts_hold_training_products_only(demo, tmp_path):
     in_order = 0
     for doc, text in zip(docs, texts):
         lines = text.split("\n\n")[1].split("\n")  # the document's key: value lines again
-        assert sorted(lines) == sorted(doc.split("\n")[2:])
-        in_order += lines == doc.split("\n")[2:]
-    assert in_order < len(texts) / 4  # shuffled (5-7 lines: in order 1 time in 120+)
+        absent = [line for line in lines if line.endswith(": not listed")]
+        listed = [line for line in lines if line not in absent]
+        assert sorted(listed) == sorted(doc.split("\n")[2:])
+        assert 1 <= len(absent) <= 2 and len(set(absent)) == len(absent)
+        assert all(key.split(": ")[0] in ATTRIBUTES and key.split(": ")[0] not in
+                   parse_product_doc(doc) for key in absent)  # keys the document lacks
+        in_order += lines[:len(listed)] == doc.split("\n")[2:]  # as in the document
+    assert in_order < len(texts) / 4  # shuffled (6-9 lines: in order 1 time in 500+)
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_texts(tmp_path / "bad.jsonl")
@@ -195,9 +200,14 @@ def test_teacher_responses(demo):
             assert "Let me check the product document." in reasoning
             # the lookup follows the question; the verbose part comes after the conclusion
             assert reasoning.startswith(f'The viewer asks: "{record.question}"')
-            conclusion = ("So the answer is" if "So the answer is" in reasoning
-                          else "So I should say that the document does not list it.")
+            refuses = "So the answer is" not in reasoning
+            conclusion = ("So I should say that the document does not list it." if refuses
+                          else "So the answer is")
             assert reasoning.index("Let me check") < reasoning.index(conclusion)
+            # the lookup is a catalogue line whose value decides the answer
+            attr = asked_attribute(record.question)
+            lookup = f'Looking it up: "{attr}: ' + ('not listed"' if refuses else '')
+            assert reasoning.index(lookup) < reasoning.index(conclusion)
             assert len(answer.split()) < 25 < len(reasoning.split())
             lengths.add(len(reasoning.split()))
             wrong += not _is_correct(record, answer)

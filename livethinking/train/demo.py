@@ -51,7 +51,7 @@ class DemoSize:
     prompts_per_step: int = 8
     group_size: int = 8
     max_tokens: int = 200
-    eval_prompts: int = 96
+    eval_prompts: int = 320  # every held-out prompt (80 products × 4): ±2.5 points of noise
     pretrain_epochs: int = 0  # 0: no separate pre-training pass (demo_pretrain.py)
 
     @classmethod
@@ -244,7 +244,7 @@ class _Banner:
 def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout, student,
             teacher_active_params: float, began: float, log) -> dict:
     """The cost tables, then results.json / results.md / stages.png; returns the results."""
-    from livethinking.data import load_records, load_texts
+    from livethinking.data import load_records
     from livethinking.model import ModelConfig
     from livethinking.train.common import response_ids
     from livethinking.train.demo_cost import (FORMULA, cost_table, format_cost_table,

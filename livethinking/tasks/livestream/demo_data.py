@@ -5,9 +5,9 @@ document is :func:`format_product_doc`'s. About 20% of questions ask for an attr
 document does not list; their reference is a polite refusal containing one of
 :data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. The
 pre-training corpus (``pretrain.jsonl``, one ``{"text": ...}`` per training or listing-only
-product: its document, then its ``key: value`` lines again, shuffled) holds no held-out
-product. Everything is deterministic given the seed (``random.Random``; no
-torch).
+product: its document, then its ``key: value`` lines again and 1-2 ``key: not listed``
+lines for keys it lacks, shuffled) holds no held-out product. Everything is deterministic
+given the seed (``random.Random``; no torch).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from livethinking.data import LivestreamRecord, Turn, write_jsonl, write_text_at
 from livethinking.tasks.livestream.domain import (ATTRIBUTES, REFUSAL_MARKERS, Product,
                                                   format_product_doc)
 
-__all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "OPENERS",
+__all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "NOT_LISTED", "OPENERS",
            "QUESTION_TEMPLATES", "REFUSAL_TEMPLATES", "DemoPaths", "answer_sentence",
            "make_demo", "pretraining_text", "refusal_sentence"]
 
@@ -87,7 +87,7 @@ FILLERS = (
 )
 
 _REASONING_PHRASES = ("The viewer asks:", "Let me check the product document.",
-                      "The document says", "I don't see a line about the",
+                      "Looking it up:",
                       "Earlier the viewer asked:", "So the answer is",
                       "So I should say that the document does not list it.")
 
@@ -179,14 +179,20 @@ def _records_for(rng: random.Random, product: Product, count: int) -> list[Lives
     return records
 
 
+NOT_LISTED = "not listed"  # a catalogue text's (and the teacher's) value for a missing key
+
+
 def pretraining_text(rng: random.Random, product: Product) -> str:
-    """``product``'s document, a blank line, then its ``key: value`` lines again in a
-    shuffled order: a catalogue text in which every value is a lookup in the document above
-    (what a pre-trained student can already do; the tiny demo student learns it here)."""
-    keys = list(product.attributes)
-    rng.shuffle(keys)
-    return "\n".join([format_product_doc(product), "",
-                      *(f"{key}: {product.attributes[key]}" for key in keys)])
+    """``product``'s document, a blank line, then its ``key: value`` lines again with 1-2
+    keys the document lacks as ``key: not listed``, in a shuffled order: a catalogue text in
+    which every value is a lookup in the document above, present or absent (what a
+    pre-trained student can already do; the tiny demo student learns it here)."""
+    missing = [a for a in ATTRIBUTES if a not in product.attributes]
+    lines = [f"{key}: {value}" for key, value in product.attributes.items()]
+    lines += [f"{key}: {NOT_LISTED}"
+              for key in rng.sample(missing, min(len(missing), rng.randint(1, 2)))]
+    rng.shuffle(lines)
+    return "\n".join([format_product_doc(product), "", *lines])
 
 
 def _corpus(train: list[LivestreamRecord]) -> str:
@@ -194,7 +200,7 @@ def _corpus(train: list[LivestreamRecord]) -> str:
     for r in train:
         lines += [r.product_doc, *(t.content for t in r.history), r.question, r.reference]
     # Shared vocabulary, so held-out values and the teacher's phrasing are covered.
-    lines += [f"{a}: {v}" for a, values in ATTRIBUTES.items() for v in values]
+    lines += [f"{a}: {v}" for a, values in ATTRIBUTES.items() for v in (*values, NOT_LISTED)]
     lines += [" ".join(NAME_PREFIXES), " ".join(CATEGORIES), " ".join(REFUSAL_MARKERS)]
     lines += [t for ts in QUESTION_TEMPLATES.values() for t in ts]
     lines += list(REFUSAL_TEMPLATES) + list(FILLERS) + list(_REASONING_PHRASES)

@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass
 
 from livethinking.data import LivestreamRecord
-from livethinking.tasks.livestream.demo_data import (FILLERS, OPENERS, answer_sentence,
-                                                     refusal_sentence)
+from livethinking.tasks.livestream.demo_data import (FILLERS, NOT_LISTED, OPENERS,
+                                                     answer_sentence, refusal_sentence)
 from livethinking.tasks.livestream.domain import ATTRIBUTES, asked_attribute, parse_product_doc
 
 __all__ = ["DemoTeacher"]
@@ -18,9 +18,10 @@ __all__ = ["DemoTeacher"]
 class DemoTeacher:
     """A programmatic teacher: ``respond(record, k)`` gives k ``"<think>R</think> A"``
     responses with verbose reasoning of varying length and a short answer. R restates the
-    question, looks the asked attribute up (``The document says "key: value".``), states
-    the conclusion, then adds ``min_filler``..``max_filler`` sentences of chatter: the part
-    GRPO learns to drop (the lookup stays next to the question it answers). Each is wrong
+    question, looks the asked attribute up as a catalogue line (``Looking it up: "key:
+    value".``, the value ``not listed`` when it decides to refuse), states the conclusion,
+    then adds ``min_filler``..``max_filler`` sentences of chatter: the part GRPO learns to
+    drop (the lookup stays next to the question it answers). Each is wrong
     with probability ``error_rate`` (another value, a made-up value for a refusal
     question, or a refusal of an answerable one). Responses for a record depend only on
     (seed, record.id): ``respond(r, 2)`` is a prefix of ``respond(r, 4)``."""
@@ -64,12 +65,13 @@ class DemoTeacher:
         if user_turns and rng.random() < 0.5:
             steps.append(f"Earlier the viewer asked: \"{user_turns[-1]}\"")
         steps.append("Let me check the product document.")
+        # the lookup is a catalogue line, so what follows the key decides the answer
+        looked_up = NOT_LISTED if value is None else value
+        steps.append(f"Looking it up: \"{attr_name}: {looked_up}\".")
         if value is not None:
-            steps.append(f"The document says \"{attr}: {value}\".")
             steps.append(f"So the answer is {value}.")
             answer = rng.choice(OPENERS) + answer_sentence(attr, value)
         else:
-            steps.append(f"I don't see a line about the {attr_name} in the document.")
             steps.append("So I should say that the document does not list it.")
             answer = refusal_sentence(rng, attr_name, name)
         others = [a for a in doc if a not in ("name", "category", attr)] or ["price"]
