@@ -31,9 +31,9 @@ def _config(tmp_path, student, paths, servers, **rollout):
     return GRPOConfig(
         model=str(student), train_data=str(paths.train), system_prompt=SYSTEM, steps=3,
         prompts_per_step=4, updates_per_batch=1,
-        rollout=RolloutConfig(source="servers", servers=[s.url for s in servers],
-                              api_key=KEY, group_size=4, max_tokens=16, bucket_mb=0.05,
-                              **rollout),
+        rollout=RolloutConfig(**{"source": "servers", "servers": [s.url for s in servers],
+                                 "api_key": KEY, "group_size": 4, "max_tokens": 16,
+                                 "bucket_mb": 0.05, **rollout}),
         loss=LossConfig(beta=0.0), optim=OptimConfig(lr=1e-2),
         run=RunConfig(output_dir=str(tmp_path / "grpo"), seed=0, progress=False,
                       tensorboard=False, plots=False))
@@ -142,3 +142,44 @@ def test_max_staleness_one_samples_ahead_and_stays_in_bounds(tmp_path, demo_setu
 def test_server_rollout_settings_are_checked(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         RolloutConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def rft_student(tmp_path_factory, demo_setup):
+    """The demo student after a short RFT: its answers end, so a length reward can act."""
+    from livethinking.train.config import RFTConfig, TeacherConfig
+    from livethinking.train.rft import run_rft
+
+    paths, _, student = demo_setup
+    out = tmp_path_factory.mktemp("rft")
+    return run_rft(RFTConfig(
+        model=str(student), train_data=str(paths.train), system_prompt=SYSTEM,
+        teacher=TeacherConfig(kind="demo", k=2), epochs=6, row_tokens=384, rows_per_step=2,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        run=RunConfig(output_dir=str(out), seed=1, progress=False, tensorboard=False,
+                      plots=False)), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_reward_rises_with_and_without_staleness(tmp_path, demo_setup, rft_student,
+                                                 two_servers, max_staleness):
+    """The servers start from the untrained student: the first push gives them the RFT
+    policy. A length reward (shorter than the band's top is better) then rises over 10
+    steps, sampled ahead or not."""
+    from livethinking.train.config import RewardConfig
+
+    paths, _, _ = demo_setup
+    config = _config(tmp_path, rft_student, paths, two_servers, max_staleness=max_staleness,
+                     max_tokens=96)
+    config.rollout.group_size = 8
+    config.steps, config.dynamic_sampling = 10, False
+    config.optim = OptimConfig(lr=3e-3, warmup_steps=0)
+    config.reward = RewardConfig(w_correctness=0.0, w_helpfulness=0.0, w_length=1.0,
+                                 lambda_lo=0.2, lambda_hi=0.45, length_needs_correct=False)
+    run_grpo(config, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    reward = [r["reward/total"] for r in rows if "reward/total" in r]
+    tokens = [r["response_tokens"] for r in rows if "response_tokens" in r]
+    assert len(reward) == 10
+    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.04, reward
+    assert sum(tokens[-3:]) / 3 < sum(tokens[:3]) / 3 - 5, tokens
