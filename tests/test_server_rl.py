@@ -266,6 +266,7 @@ def test_pause_abort_ends_requests_and_holds_new_ones(server):
     running.join(30)
     meta = result["result"]["meta_info"]
     assert meta["finish_reason"]["type"] == "abort"
+    assert set(meta["finish_reason"]) == {"type", "message", "status_code", "err_type"}
     assert 0 < meta["completion_tokens"] < LONG["max_new_tokens"]
     assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
     waiting, answered = _in_thread(lambda: _post(server, "/generate", {

@@ -7,7 +7,8 @@ prompt and sample (a single prompt with ``n == 1``: the object itself, else a li
 prompt-major): ``{text, output_ids, meta_info: {id, finish_reason, prompt_tokens,
 completion_tokens, cached_tokens, weight_version, e2e_latency, output_token_logprobs?}}``
 with ``finish_reason`` ``{"type": "stop", "matched": token id | stop string}``,
-``{"type": "length", "length": max_new_tokens}`` or ``{"type": "abort", "message"}``
+``{"type": "length", "length": max_new_tokens}`` or ``{"type": "abort", "message",
+"status_code", "err_type"}``
 and ``output_token_logprobs`` ``[[logprob, token_id, null], ...]`` (SGLang's shape; the
 text slot is null, as SGLang's without ``return_text_in_logprobs``). ``output_ids``
 end with the stop token when the model stopped on one (end-of-sequence included).
@@ -103,7 +104,8 @@ def _finish_reason(c: CompletionOutput, max_new_tokens: int) -> dict | None:
         return {"type": "length", "length": max_new_tokens}
     if c.finish_reason == "abort":
         return {"type": "abort", "message": "the request was aborted (generation paused or "
-                                            "the server stopped it)"}
+                                            "the server stopped it)",
+                "status_code": None, "err_type": None}  # SGLang's FINISH_ABORT.to_json keys
     return None
 
 
