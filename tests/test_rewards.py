@@ -301,7 +301,7 @@ SCRIPTS = {
     "error_then_good": [500, GOOD],
     "always_garbage": ["blah"],
     "always_error": [503],
-    "slow": [("sleep", 0.4, GOOD)],
+    "slow": [("gather", 4.0, GOOD)],  # held until server.gather requests are in flight
     "timeout_then_good": [("sleep", 1.5, GOOD), GOOD],
 }
 
@@ -311,6 +311,8 @@ class FakeServer:
         self.lock = threading.Lock()
         self.attempts, self.prompts = {}, {}
         self.in_flight, self.max_in_flight = {}, {}  # per case
+        self.arrived = threading.Condition(self.lock)
+        self.gather = 1  # requests a "gather" reply waits to see in flight
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -330,7 +332,13 @@ class FakeServer:
                 try:
                     script = SCRIPTS[case]
                     reply = script[min(n, len(script) - 1)]
-                    if isinstance(reply, tuple):
+                    if isinstance(reply, tuple) and reply[0] == "gather":
+                        with server.arrived:  # a concurrent client gets them all in at once
+                            server.arrived.notify_all()
+                            server.arrived.wait_for(
+                                lambda: server.in_flight[case] >= server.gather, reply[1])
+                        reply = reply[2]
+                    elif isinstance(reply, tuple):
                         time.sleep(reply[1])
                         reply = reply[2]
                     if isinstance(reply, int):
@@ -434,13 +442,15 @@ def test_llm_judge_gives_up_without_crashing(server):
 
 def test_llm_judge_runs_requests_concurrently(server):
     judge = judge_for(server, concurrency=8)
+    server.gather = 8  # each reply waits (up to 4 s) until all 8 requests are in flight
     start = time.perf_counter()
     out = judge.judge_many([case("slow")] * 8, ["x"] * 8)
     elapsed = time.perf_counter() - start
     assert [v.score for v in out] == [1.0] * 8
     assert server.max_in_flight["slow"] == 8
-    assert elapsed < 3 * 0.4  # serially it takes 8 × 0.4 s
+    assert elapsed < 12.0  # a serial client would wait out the 4 s for each of the 8
     judge = judge_for(server, concurrency=2)
+    server.gather = 2  # a client sending more than 2 at once would show max_in_flight > 2
     judge.judge_many([case("slow")] * 4, ["x"] * 4)
     assert server.max_in_flight["slow"] == 2
 
