@@ -341,9 +341,12 @@ def test_matches_liger(loss_type, level, off_policy, ref, generator):
         ours_kwargs["max_completion_length"] = liger_kwargs["max_completion_length"] = 8
     if loss_type == "dapo":
         ours_kwargs["num_items_in_batch"] = call["num_items_in_batch"] = 11.0
-    if off_policy:  # old log-probs off by ±0.45 a sequence (toward clipping) ± 0.3 a token
-        old = (exact_logp - 0.45 * advantages.sign()[:, None]
-               + 0.3 * torch.randn(exact_logp.shape, generator=generator))
+    if off_policy:  # old log-probs off by ±0.45 a sequence (toward clipping) ± 0.3 a token;
+        # the token noise has mean 0 over each row's masked tokens, so every sequence-level
+        # ratio is e^(±0.45), outside [0.8, 1.28]: the case clips whatever the seed
+        noise = torch.randn(exact_logp.shape, generator=generator)
+        noise -= ((noise * mask).sum(-1) / mask.sum(-1).clamp(min=1))[:, None]
+        old = exact_logp - 0.45 * advantages.sign()[:, None] + 0.3 * noise
         is_weights = torch.rand(targets.shape, generator=generator) + 0.5
         ours_kwargs.update(old_logprobs=old, rollout_is_weights=is_weights, delta=1.5)
         call.update(old_per_token_logps=old, vllm_is_ratio=is_weights)
