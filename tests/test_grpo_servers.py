@@ -133,7 +133,6 @@ def test_max_staleness_one_samples_ahead_and_stays_in_bounds(tmp_path, demo_setu
     ({"source": "servers"}, "needs rollout.servers"),
     ({"source": "servers", "servers": ["http://h:1/v1"]}, "root URLs"),
     ({"source": "servers", "servers": ["h:1"]}, "root URLs"),
-    ({"source": "servers", "servers": ["http://h:1"], "server_kind": "vllm"}, "not implemented"),
     ({"source": "engine", "max_staleness": 1}, "needs rollout.source servers"),
     ({"source": "servers", "servers": ["http://h:1"], "max_staleness": -1}, "max_staleness"),
     ({"source": "servers", "servers": ["http://h:1"], "bucket_mb": 0}, "bucket_mb"),

@@ -10,13 +10,24 @@ log-probs are then dropped (they no longer line up). A server that fails (connec
 error, timeout, 5xx) is marked down and the request retried on another; a server that is
 down is asked again (``GET /health``) before each step. Requests carry
 ``Authorization: Bearer <api_key>`` when a key is set.
+
+``kind="vllm"``: vLLM has no ``/generate`` in SGLang's shape, so each prompt goes to
+``POST /v1/completions {model, prompt: [ids], n, ..., logprobs: 0, return_token_ids:
+true}`` (the model name from ``GET /v1/models``); a choice's ``token_ids`` already end with
+the end-of-sequence token it stopped on. vLLM's answers carry no weight version, so the
+pool keeps each server's (set by the weight push) and tags a sample with the version the
+server held when the request was sent: a push first closes its servers to new requests
+(:meth:`ServerPool.updating`) and waits for this client's in-flight ones to end, so the
+tag is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx2
 
@@ -46,6 +57,9 @@ class _Server:
     healthy: bool = True
     failures: int = 0
     served: int = 0
+    updating: bool = False  # a weight push holds it: no new requests
+    version: str | None = None  # vllm: the weights it holds (the pool's record)
+    model: str | None = None  # vllm: the served model's name
 
 
 @dataclass(slots=True)
@@ -55,13 +69,16 @@ class ServerPool:
     urls: list[str]
     api_key: str | None = None
     timeout_s: float = 600.0
+    kind: Literal["sglang", "vllm"] = "sglang"  # sglang: SGLang's /generate (also ours)
     servers: list[_Server] = field(init=False)
-    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _lock: threading.Condition = field(init=False, default_factory=threading.Condition)
     _client: httpx2.Client = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError("a server pool needs at least one server URL")
+        if self.kind not in ("sglang", "vllm"):
+            raise ValueError(f"kind must be sglang or vllm, got {self.kind!r}")
         self.servers = [_Server(url.rstrip("/")) for url in self.urls]
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._client = httpx2.Client(headers=headers, timeout=self.timeout_s,
@@ -95,27 +112,64 @@ class ServerPool:
                 server.healthy = False
                 server.failures += 1
 
-    def _pick(self, exclude: set[str]) -> _Server:
+    def _pick(self, exclude: set[str]) -> tuple[_Server, str | None]:
+        """The least-loaded healthy server not being updated (waiting while all are), with
+        the weight version it holds; counted in flight."""
         with self._lock:
-            up = [s for s in self.servers if s.healthy and s.url not in exclude]
-            if not up:
-                raise ServerDown("no rollout server is reachable: "
-                                 + ", ".join(f"{s.url} ({'up' if s.healthy else 'down'})"
-                                             for s in self.servers))
-            server = min(up, key=lambda s: s.in_flight)
+            while True:
+                up = [s for s in self.servers if s.healthy and s.url not in exclude]
+                if not up:
+                    raise ServerDown("no rollout server is reachable: " + ", ".join(
+                        f"{s.url} ({'up' if s.healthy else 'down'})" for s in self.servers))
+                ready = [s for s in up if not s.updating]
+                if ready:
+                    break
+                self._lock.wait()
+            server = min(ready, key=lambda s: s.in_flight)
             server.in_flight += 1
-            return server
+            return server, server.version
+
+    def _done(self, server: _Server) -> None:
+        with self._lock:
+            server.in_flight -= 1
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def updating(self, urls: list[str]):
+        """Hold ``urls`` for a weight push: no new request goes to them, and this returns
+        once the requests in flight to them ended; released on exit."""
+        held = [s for s in self.servers if s.url in urls]
+        with self._lock:
+            for server in held:
+                server.updating = True
+            self._lock.wait_for(lambda: all(s.in_flight == 0 for s in held))
+        try:
+            yield
+        finally:
+            with self._lock:
+                for server in held:
+                    server.updating = False
+                self._lock.notify_all()
+
+    def set_version(self, url: str, version: str) -> None:
+        """Record that ``url`` now holds weights ``version`` (vllm: tags its samples)."""
+        with self._lock:
+            for server in self.servers:
+                if server.url == url:
+                    server.version = version
+
+    def get(self, url: str, path: str, timeout: float | None = None):
+        """One ``GET`` to one server: the decoded answer, or raises like :meth:`post`."""
+        reply = self._client.get(f"{url}{path}",
+                                 timeout=self.timeout_s if timeout is None else timeout)
+        return _decoded(reply, url, path)
 
     def post(self, url: str, path: str, body: dict, timeout: float | None = None):
         """One JSON request to one server (no failover): the decoded answer, or raises
         ``httpx2.HTTPStatusError`` carrying the server's message."""
         reply = self._client.post(f"{url}{path}", json=body,
                                   timeout=self.timeout_s if timeout is None else timeout)
-        if reply.status_code >= 400:
-            raise httpx2.HTTPStatusError(f"{url}{path} answered {reply.status_code}: "
-                                        f"{reply.text[:500]}", request=reply.request,
-                                        response=reply)
-        return reply.json()
+        return _decoded(reply, url, path)
 
     # ------------------------------------------------------------------ sampling
     def generate(self, prompt_ids: list[int], sampling_params: dict, *,
@@ -123,12 +177,14 @@ class ServerPool:
         """``sampling_params["n"]`` samples of one prompt from the least-loaded healthy
         server, failing over to the others."""
         tried: set[str] = set()
-        body = {"input_ids": prompt_ids, "sampling_params": sampling_params,
-                "return_logprob": True}
         while True:
-            server = self._pick(tried)
+            server, version = self._pick(tried)
             try:
-                answer = self.post(server.url, "/generate", body)
+                if self.kind == "vllm":
+                    return self._vllm_generate(server, version, prompt_ids, sampling_params)
+                answer = self.post(server.url, "/generate", {
+                    "input_ids": prompt_ids, "sampling_params": sampling_params,
+                    "return_logprob": True})
             except (httpx2.TransportError, httpx2.HTTPStatusError) as exc:
                 client_error = isinstance(exc, httpx2.HTTPStatusError) and \
                     exc.response.status_code < 500
@@ -138,11 +194,25 @@ class ServerPool:
                 tried.add(server.url)
                 continue
             finally:
-                with self._lock:
-                    server.in_flight -= 1
+                self._done(server)
             server.served += 1
             items = answer if isinstance(answer, list) else [answer]
             return [_sample(item, eos_token_ids) for item in items]
+
+    def _vllm_generate(self, server: _Server, version: str | None, prompt_ids: list[int],
+                       params: dict) -> list[RemoteSample]:
+        if server.model is None:
+            server.model = self.get(server.url, "/v1/models")["data"][0]["id"]
+        body = {"model": server.model, "prompt": prompt_ids, "n": params.get("n", 1),
+                "max_tokens": params["max_new_tokens"], "logprobs": 0,
+                "return_token_ids": True}
+        for ours, theirs in _VLLM_PARAMS.items():
+            if params.get(ours) is not None:
+                body[theirs] = params[ours]
+        answer = self.post(server.url, "/v1/completions", body)
+        server.served += 1
+        return [_vllm_sample(choice, version)
+                for choice in sorted(answer["choices"], key=lambda c: c["index"])]
 
     def generate_many(self, prompts: list[list[int]], params: list[dict], *,
                       eos_token_ids: set[int], concurrency: int = 64) -> list[list[RemoteSample]]:
@@ -158,6 +228,29 @@ class ServerPool:
 
     def close(self) -> None:
         self._client.close()
+
+
+# SGLang's sampling_params name -> vLLM's completions field
+_VLLM_PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                "sampling_seed": "seed", "ignore_eos": "ignore_eos",
+                "stop_token_ids": "stop_token_ids"}
+
+
+def _decoded(reply, url: str, path: str):
+    if reply.status_code >= 400:
+        raise httpx2.HTTPStatusError(f"{url}{path} answered {reply.status_code}: "
+                                     f"{reply.text[:500]}", request=reply.request,
+                                     response=reply)
+    return reply.json()
+
+
+def _vllm_sample(choice: dict, version: str | None) -> RemoteSample:
+    ids = [int(t) for t in choice["token_ids"]]
+    served = (choice.get("logprobs") or {}).get("token_logprobs")
+    usable = served and len(served) == len(ids) and all(lp is not None for lp in served)
+    logprobs = [float(lp) for lp in served] if usable else None
+    return RemoteSample(ids, logprobs, choice.get("text", ""),
+                        choice.get("finish_reason") or "length", version)
 
 
 def _sample(item: dict, eos_token_ids: set[int]) -> RemoteSample:

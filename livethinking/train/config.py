@@ -145,10 +145,11 @@ class RFTConfig:
 class RolloutConfig:
     """G samples per prompt from the in-process engine (shared weights), from rollout
     servers that follow the policy (``servers``: their root URLs, ``livethinking serve
-    --enable-weight-updates`` or SGLang; tokens in and out through ``/generate``; the
-    trainer pushes its weights after every optimizer step, ``weight_sync: distributed``
-    as flat buckets of ``bucket_mb`` over a process group, or ``disk`` as a checkpoint
-    the servers load), or from OpenAI-compatible servers that keep their own weights
+    --enable-weight-updates`` or SGLang, tokens in and out through ``/generate``; or
+    ``server_kind: vllm``, vLLM's ``/v1/completions`` with token ids and its native
+    weight-transfer API; the trainer pushes its weights after every optimizer step,
+    ``weight_sync: distributed`` as buckets of ``bucket_mb`` over a process group (NCCL
+    only for vLLM), or ``disk`` as a checkpoint the servers load), or from OpenAI-compatible servers that keep their own weights
     (``openai``: ``base_urls``; the text is re-tokenised). External log-probs get the
     truncated importance correction against the trainer's (``is_cap``). ``api_key``:
     sent as a Bearer token (default: ``$LIVETHINKING_API_KEY``). ``max_staleness: k > 0``
@@ -187,9 +188,6 @@ class RolloutConfig:
             if bad:
                 raise ValueError(f"rollout.servers are the servers' root URLs "
                                  f"(http://host:port, no /v1), got {bad}")
-            if self.server_kind == "vllm":
-                raise ValueError("rollout.server_kind vllm (its native weight-transfer API) "
-                                 "is not implemented yet; use livethinking or sglang")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if self.max_staleness and self.source != "servers":

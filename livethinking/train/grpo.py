@@ -405,14 +405,15 @@ def _server_rollouts(config: GRPOConfig, rank: int):
     import os
     from pathlib import Path
 
-    from livethinking.rollout import ServerPool, WeightPusher
+    from livethinking.rollout import ServerPool, VllmWeightPusher, WeightPusher
 
     rc = config.rollout
+    vllm = rc.server_kind == "vllm"
     pool = ServerPool(rc.servers, api_key=rc.api_key or os.environ.get("LIVETHINKING_API_KEY")
-                      or None)
+                      or None, kind="vllm" if vllm else "sglang")
     pusher = None
     if rank == 0:
-        pusher = WeightPusher(pool=pool, mode=rc.weight_sync,
+        pusher = (VllmWeightPusher if vllm else WeightPusher)(pool=pool, mode=rc.weight_sync,
                               bucket_bytes=max(1, int(rc.bucket_mb * 2**20)),
                               master_address=rc.master_address, master_port=rc.master_port,
                               disk_dir=Path(config.run.output_dir) / "weight-sync")
