@@ -182,3 +182,40 @@ def test_reward_rises_with_and_without_staleness(tmp_path, demo_setup, rft_stude
     assert len(reward) == 10
     assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.04, reward
     assert sum(tokens[-3:]) / 3 < sum(tokens[:3]) / 3 - 5, tokens
+
+
+@pytest.mark.parametrize("weight_sync", ["distributed", "disk"])
+def test_two_trainer_processes_drive_the_servers(tmp_path, demo_setup, two_servers,
+                                                 weight_sync):
+    """Under torchrun (2 ranks, FSDP2 on gloo) both ranks sample from the servers and rank
+    0 pushes the gathered weights after every step: the servers end on the saved final
+    policy bit for bit, and each step's metrics count both servers."""
+    import os
+    import subprocess
+    import sys
+
+    from livethinking.model import CausalLM
+
+    paths, _, student = demo_setup
+    out = tmp_path / "grpo"
+    servers = ",".join(s.url for s in two_servers)
+    config = tmp_path / "grpo.yaml"
+    config.write_text(
+        f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: {SYSTEM}\n"
+        "steps: 2\nprompts_per_step: 4\ndynamic_sampling: false\n"
+        f"rollout: {{source: servers, servers: [{servers}], weight_sync: {weight_sync}, "
+        "group_size: 4, max_tokens: 16, bucket_mb: 0.05}\n"
+        "optim: {lr: 0.01}\nloss: {beta: 0.0}\n"
+        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LIVETHINKING_API_KEY=KEY)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "livethinking.train", "grpo", "--config", str(config)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    steps = [r for r in rows if "push_s" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["push_servers"] == 2 and r["servers_healthy"] == 2 for r in steps)
+    final = weights_checksum(CausalLM.from_pretrained(out / "final"))
+    assert _checksums(two_servers) == [{"checksum": final, "weight_version": "2"}] * 2
