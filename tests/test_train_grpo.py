@@ -83,7 +83,7 @@ def _direct_loss(model, batch, advantages, old, weights, loss):
 def test_external_rollouts_apply_truncated_importance_weights(tiny_checkpoint, tmp_path,
                                                               generator, shift):
     rollout = RolloutConfig(source="openai", base_urls=["http://unused"], served_model="m",
-                            group_size=G, is_cap=2.0)
+                            group_size=G)
     losses = {}
     for name, offset in (("matched", 0.0), ("shifted", shift)):
         trainer = _trainer(tiny_checkpoint, tmp_path, rollout=rollout, aux_loss=False)

@@ -8,6 +8,7 @@ from livethinking.ops.grpo import fused_linear_grpo_loss, group_advantages
 from livethinking.ops.logprobs import fused_linear_logprobs
 from livethinking.ops.moe_layer import fused_moe
 from livethinking.ops.paged_attention import paged_decode_attention
+from livethinking.ops.rollout_correction import CorrectionStats, rollout_correction
 from livethinking.ops.routing import (
     MoeAlignment,
     moe_align,
@@ -20,6 +21,7 @@ if _extension.compiled_library is not None:
     from livethinking.ops import routing_registrations  # noqa: F401  (registers fakes, autograd)
 
 __all__ = [
+    "CorrectionStats",
     "MoeAlignment",
     "fused_linear_grpo_loss",
     "fused_linear_logprobs",
@@ -30,4 +32,5 @@ __all__ = [
     "moe_topk_softmax",
     "moe_unpermute",
     "paged_decode_attention",
+    "rollout_correction",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["GRPOConfig", "JudgeConfig", "LossConfig", "OptimConfig", "RFTConfig", "RewardConfig",
-           "RolloutConfig", "RunConfig", "TeacherConfig"]
+__all__ = ["CorrectionConfig", "GRPOConfig", "JudgeConfig", "LossConfig", "OptimConfig",
+           "RFTConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TeacherConfig"]
 
 
 def _positive(obj, *names: str) -> None:
@@ -142,6 +142,25 @@ class RFTConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CorrectionConfig:
+    """Importance correction of rollouts whose sampler log-probs differ from the trainer's
+    (``livethinking.ops.rollout_correction`` states the formulas): ``token_tis`` /
+    ``seq_tis`` truncate the ratio at ``cap``; ``token_mis`` / ``seq_mis`` drop tokens
+    (sequences) whose ratio leaves [``low``, ``high``]; ``none`` leaves them unweighted."""
+
+    mode: Literal["none", "token_tis", "seq_tis", "token_mis", "seq_mis"] = "token_tis"
+    cap: float = 2.0
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "cap", "high")
+        if not 0 <= self.low <= self.high:
+            raise ValueError(f"correction needs 0 <= low <= high, got low={self.low}, "
+                             f"high={self.high}")
+
+
+@dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     """G samples per prompt from the in-process engine (shared weights), from rollout
     servers that follow the policy (``servers``: their root URLs, ``livethinking serve
@@ -151,7 +170,7 @@ class RolloutConfig:
     ``weight_sync: distributed`` as buckets of ``bucket_mb`` over a process group (NCCL
     only for vLLM), or ``disk`` as a checkpoint the servers load), or from OpenAI-compatible servers that keep their own weights
     (``openai``: ``base_urls``; the text is re-tokenised). External log-probs get the
-    truncated importance correction against the trainer's (``is_cap``). ``api_key``:
+    importance correction against the trainer's (``correction``). ``api_key``:
     sent as a Bearer token (default: ``$LIVETHINKING_API_KEY``). ``max_staleness: k > 0``
     (servers): the next steps' rollouts are sampled while the current step trains, at most
     k steps ahead; groups with a sample more than k weight versions old are dropped."""
@@ -173,10 +192,10 @@ class RolloutConfig:
     top_k: int = 0
     max_tokens: int = 128
     deterministic: bool = False  # the engine's trainer-consistent mode
-    is_cap: float = 2.0  # truncation of the importance weights (TIS)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "group_size", "max_tokens", "temperature", "is_cap")
+        _positive(self, "group_size", "max_tokens", "temperature")
         if self.source == "openai" and not (self.base_urls and self.served_model):
             raise ValueError("openai rollouts need base_urls and served_model")
         if self.source == "servers":

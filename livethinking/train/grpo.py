@@ -361,7 +361,8 @@ class GRPOTrainer:
         """``updates_per_batch`` optimizer steps over minibatches of whole groups (a seeded
         order). Old log-probs: none (on-policy) for one update of engine rollouts; else
         computed once, before the first update. External rollouts' sampler log-probs give
-        the truncated importance weights min(e^(old − sampler), is_cap) on every update."""
+        the importance weights of ``rollout.correction`` on every update (and its
+        ``rollout_is/*`` diagnostics: train–inference KL, |Δ log-prob|, capped/masked)."""
         config, run = self.config, self.run
         model, dist, G = run.model, run.dist, config.rollout.group_size
         batch = build_batch(rollouts, run.device)
@@ -373,10 +374,13 @@ class GRPOTrainer:
                 old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
             else:
                 old = completion_logprobs(model, batch, temperature)
-        is_weights = None
+        is_weights, correction = None, {}
         if external and batch.sampler_logprobs is not None:
-            is_weights = torch.exp(old - batch.sampler_logprobs).clamp(
-                max=config.rollout.is_cap) * batch.mask
+            c = config.rollout.correction
+            is_weights, diagnostics = ops.rollout_correction(
+                old, batch.sampler_logprobs, batch.mask, mode=c.mode, cap=c.cap, low=c.low,
+                high=c.high)
+            correction = diagnostics.as_dict()
         ref = completion_logprobs(self.reference, batch, temperature) \
             if self.reference is not None else None
         num_groups = len(rollouts) // G
@@ -397,7 +401,7 @@ class GRPOTrainer:
                 num_items_in_batch=items, aux_loss=config.aux_loss)
             self.update_stats.append(result | run.optimizer.step())
         return {key: statistics.fmean(s[key] for s in self.update_stats)
-                for key in self.update_stats[0]}
+                for key in self.update_stats[0]} | correction
 
 
 def _server_rollouts(config: GRPOConfig, rank: int):
