@@ -86,8 +86,13 @@ class MoeExperts(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router linear (model dtype) -> fp32 softmax top-k -> the fused expert layer.
 
-    Returns the output (same shape as x) and the router logits (tokens, E), which the
-    load-balancing loss needs.
+    Returns the output (same shape as x), the router logits (tokens, E), which the
+    load-balancing loss needs, and the expert ids used (tokens, k).
+
+    Routing replay (``replay_ids`` (tokens, k), e.g. the experts the inference engine
+    chose): those ids replace the top-k; the combine weights are the router's softmax at
+    them, p_t[e] / Σ_j p_t[e_j] when ``norm_topk_prob`` (else p_t[e]), so the router still
+    gets gradients through the weights of the experts actually used.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -98,10 +103,21 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])
-        router_logits = self.gate(flat)
-        topk_weights, topk_ids = moe_topk_softmax(router_logits, self.top_k,
-                                                  renormalize=self.norm_topk_prob)
+        router_logits = self.gate(flat)  # (tokens, E)
+        if replay_ids is None:
+            _, topk_ids = moe_topk_softmax(router_logits, self.top_k,
+                                           renormalize=self.norm_topk_prob)
+        else:
+            topk_ids = replay_ids.reshape(-1, self.top_k).to(device=flat.device,
+                                                             dtype=torch.int32)  # (tokens, k)
+        # one formula for the weights whoever chose the ids, so replaying a forward's own
+        # routes reproduces it bit for bit
+        probs = torch.softmax(router_logits.float(), dim=-1)  # (tokens, E)
+        topk_weights = probs.gather(1, topk_ids.long())  # (tokens, k) fp32
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
         out = self.experts(flat, topk_weights, topk_ids)
-        return out.reshape(x.shape), router_logits
+        return out.reshape(x.shape), router_logits, topk_ids

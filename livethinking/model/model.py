@@ -21,6 +21,7 @@ Three forward modes, none of which schedules anything:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class HiddenOutput:
     aux_loss: torch.Tensor | None  # transformers' load_balancing_loss_func; None if dense
     router_aux_loss_coef: float = 0.0
     head_output: object = None  # what forward_hidden's ``head`` returned
+    routed_experts: torch.Tensor | None = None  # (B, T, MoE layers, k) int32, when asked
 
     @property
     def weighted_aux_loss(self) -> torch.Tensor | None:
@@ -103,15 +105,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs):
-        """Returns the new hidden states and the router logits (None for a dense layer)."""
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs,
+                replay_ids: torch.Tensor | None = None):
+        """Returns the new hidden states, the router logits and the expert ids used (None,
+        None for a dense layer); ``replay_ids`` (tokens, k): the experts to use instead of
+        the router's top-k (routing replay)."""
         x = x + self.self_attn(self.input_layernorm(x), inputs)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, router_logits = self.mlp(h)
+            h, router_logits, ids = self.mlp(h, replay_ids)
         else:
-            h, router_logits = self.mlp(h), None
-        return x + h, router_logits
+            h, router_logits, ids = self.mlp(h), None, None
+        return x + h, router_logits, ids
 
 
 class Qwen3Model(nn.Module):
@@ -138,22 +143,51 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------- the layer stack
     def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                    inputs: AttentionInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    inputs: AttentionInputs, routed_experts: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Final hidden states, each MoE layer's router logits and expert ids (tokens, k);
+        ``routed_experts`` (tokens, MoE layers, k): replay those experts."""
         x = self.model.embed_tokens(input_ids)
         inputs.cos, inputs.sin = self.model.rotary_emb(positions, x.dtype)
-        router_logits = []
+        router_logits, routes = [], []
         for layer in self.model.layers:
+            replay = None
+            if routed_experts is not None and layer.is_moe:
+                replay = routed_experts[:, len(routes)]  # (tokens, k)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, logits = checkpoint(layer, x, inputs, use_reentrant=False)
+                x, logits, ids = checkpoint(layer, x, inputs, replay, use_reentrant=False)
             else:
-                x, logits = layer(x, inputs)
+                x, logits, ids = layer(x, inputs, replay)
             if logits is not None:
                 router_logits.append(logits)
-        return self.model.norm(x), router_logits
+                routes.append(ids)
+        return self.model.norm(x), router_logits, routes
+
+    def check_routes(self, routed_experts: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``routed_experts`` as (tokens, MoE layers, k) int32, or ValueError naming what
+        is wrong (shape, or an id outside [0, num_experts))."""
+        config = self.config
+        layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        want = (tokens, layers, config.num_experts_per_tok)
+        if layers == 0:
+            raise ValueError("routed_experts given, but the model has no MoE layer")
+        if routed_experts.dtype.is_floating_point or routed_experts.dtype == torch.bool:
+            raise ValueError(f"routed_experts must hold integer expert ids, got "
+                             f"{routed_experts.dtype}")
+        if routed_experts.numel() != math.prod(want):
+            raise ValueError(f"routed_experts must be (tokens, MoE layers, top_k) = {want} "
+                             f"(or (B, T, ...)), got {tuple(routed_experts.shape)}")
+        routes = routed_experts.reshape(want)
+        if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= config.num_experts):
+            raise ValueError(f"routed_experts holds ids outside [0, {config.num_experts}): "
+                             f"{int(routes.min())}..{int(routes.max())}")
+        return routes.to(torch.int32)
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                        cu_seqlens: torch.Tensor | None = None, head=None,
-                       token_mask: torch.Tensor | None = None) -> HiddenOutput:
+                       token_mask: torch.Tensor | None = None,
+                       routed_experts: torch.Tensor | None = None,
+                       return_routes: bool = False) -> HiddenOutput:
         """Training forward to the final hidden states (after the final norm).
 
         input_ids (B, T); position_ids (B, T), default 0..T-1 (restarting per document
@@ -164,7 +198,10 @@ class CausalLM(nn.Module):
         the place for a fused loss on the hidden states. ``token_mask`` (B, T), when given,
         selects the positions the load-balancing loss counts (as transformers'
         ``attention_mask``): the trainers pass the loss positions, so padding and prompt
-        tokens do not enter it.
+        tokens do not enter it. ``routed_experts`` (B, T, MoE layers, k) int: routing
+        replay, every MoE layer uses these experts (the load-balancing loss still reads the
+        router's own top-k); ``return_routes``: ``routed_experts`` of the output holds the
+        experts used, the same shape.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -183,7 +220,10 @@ class CausalLM(nn.Module):
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        hidden, router_logits = self._run_layers(input_ids, position_ids, inputs)
+        replay = None if routed_experts is None else self.check_routes(routed_experts,
+                                                                       batch * steps)
+        hidden, router_logits, routes = self._run_layers(input_ids, position_ids, inputs,
+                                                         replay)
         aux = None
         if router_logits:
             if token_mask is not None and tuple(token_mask.shape) != (batch, steps):
@@ -192,8 +232,10 @@ class CausalLM(nn.Module):
             aux = load_balancing_loss(tuple(router_logits), self.config.num_experts,
                                       self.config.num_experts_per_tok, token_mask)
         head_output = None if head is None else head(hidden, self.lm_head.weight)
+        used = torch.stack(routes, 1).reshape(batch, steps, len(routes), -1) \
+            if return_routes and routes else None
         return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef,
-                            head_output)
+                            head_output, used)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
@@ -206,7 +248,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids and positions must both be (B, T), got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         inputs = AttentionInputs(cos=None, sin=None, kv_cache=kv_cache, positions=positions)
-        hidden, _ = self._run_layers(input_ids, positions, inputs)
+        hidden, _, _ = self._run_layers(input_ids, positions, inputs)
         return hidden
 
     def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
