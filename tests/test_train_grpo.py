@@ -136,3 +136,43 @@ def test_measure_l_ref_samples_like_the_rollouts(tiny_checkpoint):
     (params,) = seen
     assert (params.top_k, params.top_p, params.temperature, params.max_tokens) == (5, 0.9, 0.7,
                                                                                    33)
+
+
+def test_routing_replay_old_replays_the_old_policys_experts(tiny_checkpoint, tmp_path,
+                                                            generator, monkeypatch):
+    """R2: the old-policy forward's experts are recorded once and every update's forward
+    uses them; the second update (after an optimizer step with a large lr) reports how
+    often its own router would have chosen otherwise."""
+    seen = []
+    original = grpo.policy_loss_backward
+
+    def spy(model, batch, *args, **kwargs):
+        seen.append(None if batch.routed_experts is None else batch.routed_experts.clone())
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss_backward", spy)
+    for replay in ("none", "old"):
+        seen.clear()
+        trainer = _trainer(tiny_checkpoint, tmp_path, updates_per_batch=2,
+                           rollout=RolloutConfig(group_size=G),
+                           loss=LossConfig(loss_type="grpo", routing_replay=replay))
+        model = trainer.run.model
+        rollouts = _rollouts(torch.Generator().manual_seed(3), model.config.vocab_size)
+        batch = build_batch(rollouts, torch.device("cpu"))
+        _, expected = completion_logprobs(copy.deepcopy(model), batch, 1.0, return_routes=True)
+        trainer.update(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2))
+        first, second = trainer.update_stats
+        if replay == "none":
+            assert seen == [None, None] and "router_disagreement" not in second
+            continue
+        rows = [s.shape[0] for s in seen]
+        assert sum(rows) == len(rollouts) and all(s.shape[1:] == expected.shape[1:] for s in seen)
+        assert torch.equal(torch.cat(seen).sort(0).values, expected.sort(0).values)
+        assert first["router_disagreement"] == 0.0  # nothing moved before the first step
+        assert 0.0 <= second["router_disagreement"] <= 1.0
+        assert set(first) >= {"router_disagreement/0", "router_disagreement/1"}
+
+
+def test_routing_replay_rollout_is_refused_until_the_engine_reports_routes():
+    with pytest.raises(ValueError, match="routing_replay rollout"):
+        LossConfig(routing_replay="rollout")

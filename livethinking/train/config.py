@@ -226,6 +226,11 @@ class LossConfig:
     paper's ε_high^IS), not at ``epsilon_high`` as TRL does
     (``torch.clamp(coef_1, max=self.epsilon_high)``): TRL's ``epsilon_high: e`` is our
     ``epsilon_high: e − 1``.
+
+    ``routing_replay`` (MoE): ``old`` (R2) records the experts the old-policy forward chose
+    and replays them in every update's forward, so the policy ratio compares the same
+    experts; ``rollout`` (R3) would replay the inference engine's experts (not yet: the
+    engine does not report them); ``none``: each forward routes afresh.
     """
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
@@ -236,10 +241,14 @@ class LossConfig:
     importance_sampling_level: Literal["token", "sequence"] = "token"
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     advantage_scale: Literal["group", "batch", "none"] = "group"
+    routing_replay: Literal["none", "old", "rollout"] = "none"
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.epsilon_low < 0:
             raise ValueError("beta and epsilon_low must be >= 0")
+        if self.routing_replay == "rollout":
+            raise ValueError("loss.routing_replay rollout (R3) needs the engine's routes, "
+                             "which do not reach the trainer yet; use old (R2) or none")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -369,11 +369,18 @@ class GRPOTrainer:
         temperature = config.rollout.temperature
         external = config.rollout.source != "engine"
         old = None
+        replay_old = config.loss.routing_replay == "old"
         if config.updates_per_batch > 1 or external:
             if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
                 old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
+                if replay_old:
+                    _, batch.routed_experts = completion_logprobs(model, batch, temperature,
+                                                                  return_routes=True)
             else:
-                old = completion_logprobs(model, batch, temperature)
+                old = completion_logprobs(model, batch, temperature, return_routes=replay_old)
+                if replay_old:
+                    old, batch.routed_experts = old
+        # on-policy with one update: the forward's own routes are the old policy's (R2 = none)
         is_weights, correction = None, {}
         if external and batch.sampler_logprobs is not None:
             c = config.rollout.correction

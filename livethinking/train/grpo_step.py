@@ -16,7 +16,8 @@ from livethinking import ops
 from livethinking.train.config import LossConfig
 from livethinking.train.rollout import Rollout
 
-__all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "policy_loss_backward"]
+__all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "policy_loss_backward",
+           "router_disagreement"]
 
 
 @dataclass(slots=True)
@@ -27,12 +28,13 @@ class GRPOBatch:
     mask: torch.Tensor  # (N, Tc) float: 1 on completion tokens
     sampler_logprobs: torch.Tensor | None  # (N, Tc) float32 from the sampler, when all had them
     loss_positions: torch.Tensor  # (N, T) float: 1 at the positions predicting a completion token
+    routed_experts: torch.Tensor | None = None  # (N, T, MoE layers, k) int32: to replay
 
     def rows(self, index: torch.Tensor) -> "GRPOBatch":
         pick = (lambda t: None if t is None else t[index])
         return GRPOBatch(self.input_ids[index], self.window[index], self.targets[index],
                          self.mask[index], pick(self.sampler_logprobs),
-                         self.loss_positions[index])
+                         self.loss_positions[index], pick(self.routed_experts))
 
 
 def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
@@ -67,10 +69,11 @@ def _window(hidden: torch.Tensor, batch: GRPOBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int = 8
-                        ) -> torch.Tensor:
-    """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask)."""
-    out = []
+def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int = 8, *,
+                        return_routes: bool = False):
+    """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask);
+    with ``return_routes`` also the experts every MoE layer chose, (N, T, layers, k)."""
+    out, routes = [], []
     for start in range(0, batch.input_ids.shape[0], chunk):
         part = batch.rows(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
                                        device=batch.input_ids.device))
@@ -80,8 +83,11 @@ def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int 
             return ops.fused_linear_logprobs(window.reshape(-1, window.shape[-1]), weight,
                                              part.targets.reshape(-1), temperature=temperature)
 
-        logp = model.forward_hidden(part.input_ids, head=head).head_output
-        out.append(logp.reshape(part.targets.shape) * part.mask)
+        result = model.forward_hidden(part.input_ids, head=head, return_routes=return_routes)
+        out.append(result.head_output.reshape(part.targets.shape) * part.mask)
+        routes.append(result.routed_experts)
+    if return_routes:
+        return torch.cat(out), (torch.cat(routes) if routes[0] is not None else None)
     return torch.cat(out)
 
 
@@ -91,7 +97,10 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                          num_items_in_batch: float | None = None,
                          aux_loss: bool = True) -> dict[str, float]:
     """Backward of the GRPO-family loss (+ MoE balance loss over the completion tokens'
-    positions, ``loss_positions``: no prompt, no padding) on one minibatch."""
+    positions, ``loss_positions``: no prompt, no padding) on one minibatch. With
+    ``batch.routed_experts`` the forward replays those experts, and
+    ``router_disagreement`` is the fraction of (loss position, MoE layer) pairs whose own
+    top-k set differs from the replayed one (``router_disagreement/{i}`` per layer)."""
     def head(hidden, weight):
         return ops.fused_linear_grpo_loss(
             _window(hidden, batch), weight, batch.targets, batch.mask, advantages,
@@ -102,7 +111,8 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
             max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
             rollout_is_weights=rollout_is_weights, num_items_in_batch=num_items_in_batch)
 
-    out = model.forward_hidden(batch.input_ids, head=head, token_mask=batch.loss_positions)
+    out = model.forward_hidden(batch.input_ids, head=head, token_mask=batch.loss_positions,
+                               routed_experts=batch.routed_experts)
     value, stats = out.head_output
     total = value
     if aux_loss and out.weighted_aux_loss is not None:
@@ -113,4 +123,25 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                 "ratio"):
         if key in stats:
             result[key] = float(stats[key])
+    if batch.routed_experts is not None:
+        result |= router_disagreement(out.router_logits, batch.routed_experts,
+                                      batch.loss_positions)
     return result
+
+
+@torch.no_grad()
+def router_disagreement(router_logits, routes: torch.Tensor, positions: torch.Tensor
+                        ) -> dict[str, float]:
+    """Per MoE layer i, the fraction of positions (weights ``positions`` (N, T)) where the
+    router's own top-k set differs from ``routes[..., i, :]``; and their mean."""
+    weight = positions.reshape(-1).float()
+    total = weight.sum().clamp(min=1.0)
+    k = routes.shape[-1]
+    flat = routes.reshape(-1, routes.shape[-2], k).long()  # (N·T, layers, k)
+    out = {}
+    for i, logits in enumerate(router_logits):  # (N·T, E)
+        own = logits.float().topk(k, dim=-1).indices.sort(-1).values
+        differs = (own != flat[:, i].sort(-1).values).any(-1).float()
+        out[f"router_disagreement/{i}"] = float((differs * weight).sum() / total)
+    out["router_disagreement"] = sum(out.values()) / max(len(router_logits), 1)
+    return out
