@@ -31,7 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "max_model_len": args.max_model_len}
     config = EngineConfig(**{k: v for k, v in overrides.items() if v is not None},
                           enable_prefix_caching=not args.no_prefix_caching,
-                          enforce_eager=args.enforce_eager)
+                          enforce_eager=args.enforce_eager,
+                          enable_return_routed_experts=args.enable_return_routed_experts)
     llm = LLM(args.model, dtype=None if args.dtype is None else getattr(torch, args.dtype),
               device=args.device, config=config)
     name = args.served_model_name or default_served_model_name(args.model)
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "model's)")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    serve.add_argument("--enable-return-routed-experts", action="store_true",
+                       help="keep each token's MoE experts, so requests can ask for them "
+                            "(return_routed_experts, SGLang's)")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)

@@ -173,6 +173,58 @@ def test_routing_replay_old_replays_the_old_policys_experts(tiny_checkpoint, tmp
         assert set(first) >= {"router_disagreement/0", "router_disagreement/1"}
 
 
-def test_routing_replay_rollout_is_refused_until_the_engine_reports_routes():
+def test_routing_replay_rollout_replays_the_engines_experts(tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
+    """R3 with the in-process engine: the update's forward uses exactly the experts the
+    engine chose for each rollout (a deterministic engine has the trainer's numerics, so
+    the trainer's router agrees everywhere); a rollout without routes gets the trainer's
+    own for the positions it lacks, and the filled fraction is reported."""
+    from livethinking.engine import LLM
+    from livethinking.train.rollout import engine_rollouts
+
+    seen = []
+    original = grpo.policy_loss_backward
+
+    def spy(model, batch, *args, **kwargs):
+        seen.append(batch)
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss_backward", spy)
+    trainer = _trainer(tiny_checkpoint, tmp_path, rollout=RolloutConfig(group_size=G,
+                                                                        max_tokens=6),
+                       loss=LossConfig(loss_type="grpo", routing_replay="rollout"))
+    model = trainer.run.model
+    llm = LLM(copy.deepcopy(model).eval(), deterministic=True, enable_return_routed_experts=True)
+    prompts = [[5, 17, 29, 41, 3], [8, 9, 10]]
+    groups = engine_rollouts(llm, [RECORD, RECORD], prompts, trainer.config.rollout, [1, 2],
+                             routes=True)
+    rollouts = [r for g in groups for r in g]
+    stats = trainer.update(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2))
+    (batch,) = seen
+    for b, r in enumerate(rollouts):
+        want = len(r.prompt_ids) + len(r.completion_ids) - 1
+        assert torch.equal(batch.routed_experts[b, :want].cpu(), r.routed_experts.int())
+    assert stats["routing_replay_filled"] == 0.0
+    assert stats["router_disagreement"] == 0.0
+
+    seen.clear()
+    rollouts[3].routed_experts = rollouts[3].routed_experts[:4]  # a sampler that sent less
+    trainer = _trainer(tiny_checkpoint, tmp_path, rollout=RolloutConfig(group_size=G,
+                                                                        max_tokens=6),
+                       loss=LossConfig(loss_type="grpo", routing_replay="rollout"))
+    with torch.no_grad():  # the trainer's own experts before the update, as it fills them
+        own = trainer.run.model.forward_hidden(build_batch(rollouts, torch.device(
+            "cpu")).input_ids, return_routes=True).routed_experts
+    stats = trainer.update(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2))
+    want = len(rollouts[3].prompt_ids) + len(rollouts[3].completion_ids) - 1
+    needed = sum(len(r.prompt_ids) + len(r.completion_ids) - 1 for r in rollouts)
+    assert stats["routing_replay_filled"] == pytest.approx((want - 4) / needed)
+    assert torch.equal(seen[0].routed_experts[3, :4].cpu(), rollouts[3].routed_experts.int())
+    assert torch.equal(seen[0].routed_experts[3, 4:want], own[3, 4:want])
+
+
+def test_routing_replay_rollout_needs_a_sampler_that_reports_routes():
     with pytest.raises(ValueError, match="routing_replay rollout"):
-        LossConfig(routing_replay="rollout")
+        GRPOConfig(model="m", train_data="t", loss=LossConfig(routing_replay="rollout"),
+                   rollout=RolloutConfig(source="openai", base_urls=["http://x"],
+                                         served_model="m"))

@@ -21,6 +21,10 @@ class EngineConfig:
     sequences up to ``cpu_kv_cache_bytes``. ``deterministic`` runs every sequence on its own (batch-invariant
     samples) and reports a finished sequence's log-probs as the trainer computes them (a
     full forward and ``fused_linear_logprobs``), at the cost of one forward per sequence.
+    ``enable_return_routed_experts`` (MoE models) keeps, beside each KV slot, the experts
+    every MoE layer chose for that token (2·layers·top_k bytes per slot), so requests can
+    ask for their routes (``SamplingParams.return_routed_experts``; in ``deterministic``
+    mode the routes come from the same full forward as the reported log-probs).
     """
 
     block_size: int = 16
@@ -35,6 +39,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     deterministic: bool = False
+    enable_return_routed_experts: bool = False
     paged_decode_kernel: bool | None = None  # Triton decode attention; None: on CUDA only
     seed: int = 0
 

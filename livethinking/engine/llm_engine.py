@@ -105,6 +105,10 @@ class LLMEngine:
         ids = self._prompt_ids(prompt)
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if params.return_routed_experts and not self.runner.records_routes:
+            raise ValueError("return_routed_experts needs an MoE model and an engine started "
+                             "with enable_return_routed_experts (serve: "
+                             "--enable-return-routed-experts)")
         if self.blocks.blocks_needed(len(ids)) + params.n - 1 > self.blocks.num_blocks:
             raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n} needs more KV "
                              f"blocks than the pool has ({self.blocks.num_blocks})")
@@ -230,7 +234,7 @@ class LLMEngine:
             return
         copied = self.blocks.fork(parent, child)
         if copied is not None:
-            self.runner.cache.copy_block(parent.block_table[len(child.block_table) - 1], copied)
+            self.runner.copy_block(parent.block_table[len(child.block_table) - 1], copied)
         child.status = SequenceStatus.RUNNING
         self.scheduler.running.append(child)
 
@@ -255,9 +259,16 @@ class LLMEngine:
             return
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
-        if self.config.deterministic and params.logprobs:  # the trainer's numbers, exactly
-            seq.logprobs = self.runner.score(seq.token_ids, seq.num_prompt_tokens,
-                                             params.temperature)
+        if self.config.deterministic and (params.logprobs or params.return_routed_experts):
+            # the trainer's numbers, exactly: one full forward gives log-probs and routes
+            logprobs, routes = self.runner.score(seq.token_ids, seq.num_prompt_tokens,
+                                                 params.temperature, return_routes=True)
+            if params.logprobs:
+                seq.logprobs = logprobs
+            if params.return_routed_experts:
+                seq.routed_experts = routes
+        elif params.return_routed_experts:
+            seq.routed_experts = self.runner.read_routes(seq)
         self.scheduler.remove(seq)
 
     def _output(self, request: _Request) -> RequestOutput:
@@ -267,7 +278,8 @@ class LLMEngine:
                 index=seq.index, token_ids=list(seq.output_token_ids),
                 text=detok.visible(seq.is_finished),
                 logprobs=list(seq.logprobs) if seq.params.logprobs else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                routed_experts=seq.routed_experts))
         return RequestOutput(request.request_id, request.prompt_ids, completions,
                              request.arrival_time, request.first_token_time,
                              request.seqs[0].num_cached_tokens)

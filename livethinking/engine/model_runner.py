@@ -61,6 +61,13 @@ class ModelRunner:
         self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
                                   mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
                                   device=self.device, decode_kernel=config.paged_decode_kernel)
+        # the experts each MoE layer chose for the token in each KV slot (+ the trash slot)
+        moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
+        self.routes = None
+        if config.enable_return_routed_experts and moe_layers:
+            self.routes = torch.zeros(self.cache.trash_slot + 1, moe_layers,
+                                      mc.num_experts_per_tok, dtype=torch.int16,
+                                      device=self.device)
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_blocks = 0
@@ -128,11 +135,37 @@ class ModelRunner:
 
         return tensor(ids), tensor(pos), tensor(slots), tensor(tables), tensor(ctx)
 
+    # ------------------------------------------------------------------ routes
+    @property
+    def records_routes(self) -> bool:
+        """Whether each KV slot also keeps its token's experts."""
+        return self.routes is not None
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy a block's KV (and routes) into another block (copy-on-write of a fork)."""
+        self.cache.copy_block(src, dst)
+        if self.routes is not None:
+            bs = self.block_size
+            self.routes[dst * bs:(dst + 1) * bs] = self.routes[src * bs:(src + 1) * bs]
+
+    def read_routes(self, seq: Sequence) -> torch.Tensor:
+        """The experts recorded for ``seq``'s tokens but the last (those are all computed
+        once it finished): (len − 1, MoE layers, k) int16 on the CPU."""
+        bs, table = self.block_size, seq.block_table
+        slots = [table[p // bs] * bs + p % bs for p in range(len(seq) - 1)]
+        return self.routes[torch.tensor(slots, dtype=torch.long, device=self.device)].cpu()
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def _forward(self, ids, pos, slots, tables, ctx, fresh: bool = False) -> torch.Tensor:
         self.cache.set_batch(pos, slots, tables, ctx, fresh=fresh)
-        return self.model.forward_step_hidden(ids, pos, self.cache)  # (B, T, H)
+        if self.routes is None:
+            return self.model.forward_step_hidden(ids, pos, self.cache)  # (B, T, H)
+        hidden, routes = self.model.forward_step_hidden(ids, pos, self.cache,
+                                                        return_routes=True)
+        # (B·T, layers, k) into the slots just written (padding: the trash slot)
+        self.routes[slots.reshape(-1)] = routes.reshape(-1, *routes.shape[2:]).to(torch.int16)
+        return hidden
 
     def _last_hidden(self, chunks: list[Chunk]) -> torch.Tensor:
         """Final hidden state at each chunk's last token, (B, H)."""
@@ -178,14 +211,22 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in params))
 
     @torch.no_grad()
-    def score(self, token_ids: list[int], num_prompt: int, temperature: float) -> list[float]:
+    def score(self, token_ids: list[int], num_prompt: int, temperature: float, *,
+              return_routes: bool = False):
         """Log-probs of ``token_ids[num_prompt:]`` the way the trainer computes them: one
-        full forward of the sequence to hidden states, then ``fused_linear_logprobs``."""
+        full forward of the sequence to hidden states, then ``fused_linear_logprobs``.
+        ``return_routes``: (log-probs, that forward's experts for every token but the last,
+        (len − 1, MoE layers, k) int16 on the CPU, or None for a dense model)."""
         ids = torch.tensor([token_ids], device=self.device)
-        hidden = self.model.forward_hidden(ids).hidden_states[0, num_prompt - 1:-1]
+        out = self.model.forward_hidden(ids, return_routes=return_routes)
+        hidden = out.hidden_states[0, num_prompt - 1:-1]
         logprobs = ops.fused_linear_logprobs(hidden, self.model.lm_head.weight,
                                              ids[0, num_prompt:], temperature=temperature or 1.0)
-        return logprobs.tolist()
+        if not return_routes:
+            return logprobs.tolist()
+        routes = out.routed_experts
+        routes = None if routes is None else routes[0, :-1].to(torch.int16).cpu()
+        return logprobs.tolist(), routes
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture_cuda_graphs(self, max_context: int = 4096) -> None:

@@ -16,7 +16,9 @@ class CompletionOutput:
     ``finish_reason``: None while running, then "stop" (end-of-sequence token, stop token
     or stop string), "length" (max_tokens or the context limit) or "abort".
     ``stop_reason`` (vLLM's): the stop string or ``stop_token_ids`` id it stopped on; None
-    otherwise, an end-of-sequence token included.
+    otherwise, an end-of-sequence token included. ``routed_experts``: when asked for, once
+    finished, the experts each MoE layer chose for every token but the last,
+    (prompt + output − 1, MoE layers, top_k) int16 on the CPU.
     """
 
     index: int
@@ -25,6 +27,7 @@ class CompletionOutput:
     logprobs: list[float] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routed_experts: object = None  # torch.Tensor when asked for and finished
 
     @property
     def finished(self) -> bool:

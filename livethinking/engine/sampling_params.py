@@ -36,6 +36,9 @@ class SamplingParams:
     reproducible whatever else shares the batch. Generation stops at ``max_tokens``, at an
     end-of-sequence token (unless ``ignore_eos``), at any of ``stop_token_ids`` (kept in the
     output), or when the text contains one of ``stop`` (the text is cut before it).
+    ``return_routed_experts`` (MoE; the engine needs ``enable_return_routed_experts``):
+    each finished sample reports the experts every MoE layer chose for each of its tokens
+    but the last, (prompt + output − 1, MoE layers, top_k) int16.
     """
 
     n: int = 1
@@ -48,6 +51,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = True
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string it ended on
     needs_fork: bool = False  # the first sample of an n > 1 request is drawn n times
+    routed_experts: torch.Tensor | None = None  # (len − 1, MoE layers, k) int16, at the end
 
     def __len__(self) -> int:
         return len(self.token_ids)

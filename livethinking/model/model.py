@@ -241,15 +241,21 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def forward_step_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                            kv_cache: KVCache) -> torch.Tensor:
+                            kv_cache: KVCache, return_routes: bool = False):
         """Inference: ids and positions (B, T) -> final hidden states (B, T, H); k/v go into
-        ``kv_cache``. The caller picks the rows it needs logits for (``compute_logits``)."""
+        ``kv_cache``. The caller picks the rows it needs logits for (``compute_logits``).
+        ``return_routes``: also the experts each MoE layer chose, (B, T, MoE layers, k)
+        int32 (None for a dense model)."""
         if input_ids.dim() != 2 or positions.shape != input_ids.shape:
             raise ValueError(f"input_ids and positions must both be (B, T), got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         inputs = AttentionInputs(cos=None, sin=None, kv_cache=kv_cache, positions=positions)
-        hidden, _, _ = self._run_layers(input_ids, positions, inputs)
-        return hidden
+        hidden, _, routes = self._run_layers(input_ids, positions, inputs)
+        if not return_routes:
+            return hidden
+        batch, steps = input_ids.shape
+        used = torch.stack(routes, 1).reshape(batch, steps, len(routes), -1) if routes else None
+        return hidden, used
 
     def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
                      kv_cache: KVCache) -> torch.Tensor:

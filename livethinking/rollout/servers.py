@@ -48,6 +48,7 @@ class RemoteSample:
     text: str
     finish_type: str
     weight_version: str | None
+    routed_experts: object = None  # flat int32 tensor of the server's routes, when asked
 
 
 @dataclass(slots=True)
@@ -173,18 +174,22 @@ class ServerPool:
 
     # ------------------------------------------------------------------ sampling
     def generate(self, prompt_ids: list[int], sampling_params: dict, *,
-                 eos_token_ids: set[int]) -> list[RemoteSample]:
+                 eos_token_ids: set[int], return_routed_experts: bool = False
+                 ) -> list[RemoteSample]:
         """``sampling_params["n"]`` samples of one prompt from the least-loaded healthy
-        server, failing over to the others."""
+        server, failing over to the others; ``return_routed_experts``: with the experts the
+        server's MoE layers chose (SGLang's ``meta_info.routed_experts``, decoded flat)."""
         tried: set[str] = set()
         while True:
             server, version = self._pick(tried)
             try:
                 if self.kind == "vllm":
                     return self._vllm_generate(server, version, prompt_ids, sampling_params)
-                answer = self.post(server.url, "/generate", {
-                    "input_ids": prompt_ids, "sampling_params": sampling_params,
-                    "return_logprob": True})
+                request = {"input_ids": prompt_ids, "sampling_params": sampling_params,
+                           "return_logprob": True}
+                if return_routed_experts:
+                    request["return_routed_experts"] = True
+                answer = self.post(server.url, "/generate", request)
             except (httpx2.TransportError, httpx2.HTTPStatusError) as exc:
                 client_error = isinstance(exc, httpx2.HTTPStatusError) and \
                     exc.response.status_code < 500
@@ -215,12 +220,13 @@ class ServerPool:
                 for choice in sorted(answer["choices"], key=lambda c: c["index"])]
 
     def generate_many(self, prompts: list[list[int]], params: list[dict], *,
-                      eos_token_ids: set[int], concurrency: int = 64) -> list[list[RemoteSample]]:
+                      eos_token_ids: set[int], concurrency: int = 64,
+                      return_routed_experts: bool = False) -> list[list[RemoteSample]]:
         """:meth:`generate` for every prompt, concurrently; in prompt order."""
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(prompts)))) as pool:
-            return list(pool.map(lambda pp: self.generate(pp[0], pp[1],
-                                                          eos_token_ids=eos_token_ids),
-                                 zip(prompts, params)))
+            return list(pool.map(lambda pp: self.generate(
+                pp[0], pp[1], eos_token_ids=eos_token_ids,
+                return_routed_experts=return_routed_experts), zip(prompts, params)))
 
     def stats(self) -> dict[str, float]:
         return {"servers_healthy": float(sum(s.healthy for s in self.servers)),
@@ -265,4 +271,15 @@ def _sample(item: dict, eos_token_ids: set[int]) -> RemoteSample:
     if logprobs is not None and len(logprobs) != len(ids):
         logprobs = None
     return RemoteSample(ids, logprobs, item.get("text", ""), finish.get("type", "length"),
-                        meta.get("weight_version"))
+                        meta.get("weight_version"), _routes(meta.get("routed_experts")))
+
+
+def _routes(encoded: str | None):
+    """SGLang's base64 int32 routes as a flat int32 tensor (None when absent)."""
+    if not encoded:
+        return None
+    import base64
+
+    import torch
+
+    return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.int32)

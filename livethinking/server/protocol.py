@@ -10,6 +10,7 @@ objects. Log-probs: the engine reports the log-prob of each sampled token only, 
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -24,7 +25,7 @@ __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "Delta", "DeltaTracker",
     "MIN_LOGPROB", "StreamOptions", "TextPart", "chat_chunk", "chat_choice", "chat_logprobs",
     "chat_response", "completion_choice", "completion_logprobs", "completion_prompts",
-    "completion_response", "error_body", "sampling_params", "usage",
+    "completion_response", "error_body", "routed_experts_b64", "sampling_params", "usage",
 ]
 
 MIN_LOGPROB = -9999.0  # what -inf log-probs are reported as (vLLM's floor; JSON has no inf)
@@ -109,6 +110,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = Field(16, ge=1, le=_MAX_INT64)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     return_token_ids: StrictBool = False
+    return_routed_experts: StrictBool = False  # SGLang's; each choice's ``routed_experts``
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -161,6 +163,9 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest,
     else:
         max_tokens = request.max_tokens
         logprobs = request.logprobs is not None
+    routed = bool(getattr(request, "return_routed_experts", False))
+    if routed and request.stream:
+        raise ValueError("return_routed_experts is not supported with stream: true")
     return SamplingParams(
         n=1 if request.n is None else request.n,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -171,7 +176,18 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest,
         stop=[] if request.stop is None else request.stop,  # "" is refused like [""]
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
+        return_routed_experts=routed,
     )
+
+
+def routed_experts_b64(routes) -> str | None:
+    """SGLang's wire form of a sample's routes (tokens, MoE layers, k): base64 of their
+    int32 little-endian bytes (decode: ``frombuffer(b64decode(s), int32).reshape(-1,
+    layers, k)``); None when there are none."""
+    if routes is None:
+        return None
+    data = routes.to("cpu").int().contiguous().numpy().astype("<i4").tobytes()
+    return base64.b64encode(data).decode("ascii")
 
 
 # -- streaming deltas ------------------------------------------------------------------

@@ -45,6 +45,8 @@ def whole_response(tokenizer, model: str, kind: str, want_logprobs: bool, reques
                 lp = (P.completion_logprobs(tokenizer, c.token_ids, c.logprobs)
                       if want_logprobs else None)
                 choices.append(P.completion_choice(index, c.text, c.finish_reason, lp))
+                if c.routed_experts is not None:
+                    choices[-1]["routed_experts"] = P.routed_experts_b64(c.routed_experts)
                 if return_token_ids:
                     choices[-1].update(prompt_token_ids=list(last.prompt_token_ids),
                                        token_ids=list(c.token_ids))

@@ -122,7 +122,8 @@ def add_rl_routes(app: FastAPI, state: ServerState, *, enable_weight_updates: bo
     async def generate(body: R.GenerateRequest, request: Request):
         received = time.perf_counter()
         try:
-            params = body.sampling_params.engine_params(logprobs=body.return_logprob)
+            params = body.sampling_params.engine_params(
+                logprobs=body.return_logprob, routed_experts=body.return_routed_experts)
         except ValueError as exc:
             raise APIError(400, str(exc), param="sampling_params") from None
         prompts, batch = R.generate_prompts(body)

@@ -10,7 +10,10 @@ with ``finish_reason`` ``{"type": "stop", "matched": token id | stop string}``,
 ``{"type": "length", "length": max_new_tokens}`` or ``{"type": "abort", "message",
 "status_code", "err_type"}``
 and ``output_token_logprobs`` ``[[logprob, token_id, null], ...]`` (SGLang's shape; the
-text slot is null, as SGLang's without ``return_text_in_logprobs``). ``output_ids``
+text slot is null, as SGLang's without ``return_text_in_logprobs``). With
+``return_routed_experts`` (a server started with ``--enable-return-routed-experts``),
+``meta_info.routed_experts`` is SGLang's base64 of int32 ids, shape (prompt + output − 1,
+MoE layers, top_k). ``output_ids``
 end with the stop token when the model stopped on one (end-of-sequence included).
 """
 
@@ -22,7 +25,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from livethinking.engine.outputs import CompletionOutput, RequestOutput
 from livethinking.engine.sampling_params import MAX_SEED, MAX_TOP_K, MIN_SEED, SamplingParams
-from livethinking.server.protocol import MIN_LOGPROB, Text, _Lenient
+from livethinking.server.protocol import MIN_LOGPROB, Text, _Lenient, routed_experts_b64
 
 __all__ = ["ContinueGenerationRequest", "DestroyGroupRequest", "GenerateRequest",
            "GenerateSamplingParams", "InitGroupRequest", "PauseGenerationRequest",
@@ -52,7 +55,7 @@ class GenerateSamplingParams(_Lenient):
     sampling_seed: StrictInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     skip_special_tokens: Literal[True] = True
 
-    def engine_params(self, logprobs: bool) -> SamplingParams:
+    def engine_params(self, logprobs: bool, routed_experts: bool = False) -> SamplingParams:
         """The engine's `SamplingParams` (ValueError for what it refuses)."""
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) \
             else list(self.stop)
@@ -60,7 +63,8 @@ class GenerateSamplingParams(_Lenient):
                               top_p=float(self.top_p), top_k=self.top_k,
                               max_tokens=self.max_new_tokens, seed=self.sampling_seed,
                               stop=stop, stop_token_ids=list(self.stop_token_ids or []),
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              return_routed_experts=routed_experts)
 
 
 class GenerateRequest(_Lenient):
@@ -70,6 +74,7 @@ class GenerateRequest(_Lenient):
     text: Text | list[Text] | None = None
     sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
     return_logprob: StrictBool = False
+    return_routed_experts: StrictBool = False
     logprob_start_len: StrictInt = -1
     stream: Literal[False] = False
     rid: Text | list[Text] | None = None
@@ -122,6 +127,8 @@ def generate_items(rid: str, last: RequestOutput, *, max_new_tokens: int, return
         if return_logprob:
             meta["output_token_logprobs"] = [
                 [max(lp, MIN_LOGPROB), t, None] for lp, t in zip(c.logprobs or [], c.token_ids)]
+        if c.routed_experts is not None:
+            meta["routed_experts"] = routed_experts_b64(c.routed_experts)
         items.append({"text": c.text, "output_ids": list(c.token_ids), "meta_info": meta})
     return items
 

@@ -229,8 +229,9 @@ class LossConfig:
 
     ``routing_replay`` (MoE): ``old`` (R2) records the experts the old-policy forward chose
     and replays them in every update's forward, so the policy ratio compares the same
-    experts; ``rollout`` (R3) would replay the inference engine's experts (not yet: the
-    engine does not report them); ``none``: each forward routes afresh.
+    experts; ``rollout`` (R3) replays the experts the inference engine chose when it
+    sampled (the in-process engine, or ``livethinking`` / ``sglang`` servers started with
+    ``--enable-return-routed-experts``); ``none``: each forward routes afresh.
     """
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
@@ -246,9 +247,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.beta < 0 or self.epsilon_low < 0:
             raise ValueError("beta and epsilon_low must be >= 0")
-        if self.routing_replay == "rollout":
-            raise ValueError("loss.routing_replay rollout (R3) needs the engine's routes, "
-                             "which do not reach the trainer yet; use old (R2) or none")
+
 
 
 @dataclass(kw_only=True, slots=True)
@@ -292,3 +291,8 @@ class GRPOConfig:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"updates_per_batch ({self.updates_per_batch})")
         _check_eval(self.eval_data, self.run)
+        if self.loss.routing_replay == "rollout" and (
+                self.rollout.source == "openai" or self.rollout.server_kind == "vllm"):
+            raise ValueError("loss.routing_replay rollout (R3) needs the sampler's routes: "
+                             "rollout.source engine, or servers of kind livethinking / sglang "
+                             "(started with --enable-return-routed-experts)")

@@ -33,7 +33,7 @@ from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
                                             all_reduce_sum, full_state_dict)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs,
-                                          policy_loss_backward)
+                                          policy_loss_backward, rollout_routes)
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.rollout import engine_rollouts, openai_rollouts, server_rollouts
 
@@ -153,6 +153,8 @@ class GRPOTrainer:
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
         self.llm = LLM(self.rollout_model, run.tokenizer,
                        deterministic=config.rollout.deterministic,
+                       enable_return_routed_experts=config.loss.routing_replay == "rollout"
+                       and run.model.config.num_experts > 0,
                        max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
         self.stream = PromptStream(len(self.records), config.run.seed)
@@ -264,11 +266,13 @@ class GRPOTrainer:
         chosen = [self.records[i] for i, _ in picks]
         prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in chosen]
         seeds = [config.run.seed * 1000003 + cursor for _, cursor in picks]
+        routes = config.loss.routing_replay == "rollout" and self.llm.engine.runner.records_routes
         if config.rollout.source == "engine":
-            return engine_rollouts(self.llm, chosen, prompts, config.rollout, seeds)
+            return engine_rollouts(self.llm, chosen, prompts, config.rollout, seeds,
+                                   routes=routes)
         if config.rollout.source == "servers":
             return server_rollouts(self.pool, chosen, prompts, config.rollout, seeds,
-                                   eos_token_ids=set(self.llm.engine.eos_ids))
+                                   eos_token_ids=set(self.llm.engine.eos_ids), routes=routes)
         return openai_rollouts(tokenizer, chosen, prompts, config.rollout, seeds)
 
     def collect(self):
@@ -370,6 +374,14 @@ class GRPOTrainer:
         external = config.rollout.source != "engine"
         old = None
         replay_old = config.loss.routing_replay == "old"
+        replayed = {}
+        mc = model.config
+        if config.loss.routing_replay == "rollout" and mc.num_experts > 0:  # R3
+            layers = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
+            batch.routed_experts, filled = rollout_routes(
+                rollouts, batch, layers, mc.num_experts_per_tok,
+                lambda: completion_logprobs(model, batch, temperature, return_routes=True)[1])
+            replayed = {"routing_replay_filled": filled}
         if config.updates_per_batch > 1 or external:
             if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
                 old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
@@ -408,7 +420,7 @@ class GRPOTrainer:
                 num_items_in_batch=items, aux_loss=config.aux_loss)
             self.update_stats.append(result | run.optimizer.step())
         return {key: statistics.fmean(s[key] for s in self.update_stats)
-                for key in self.update_stats[0]} | correction
+                for key in self.update_stats[0]} | correction | replayed
 
 
 def _server_rollouts(config: GRPOConfig, rank: int):

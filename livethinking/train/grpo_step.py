@@ -17,7 +17,7 @@ from livethinking.train.config import LossConfig
 from livethinking.train.rollout import Rollout
 
 __all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "policy_loss_backward",
-           "router_disagreement"]
+           "rollout_routes", "router_disagreement"]
 
 
 @dataclass(slots=True)
@@ -71,8 +71,9 @@ def _window(hidden: torch.Tensor, batch: GRPOBatch) -> torch.Tensor:
 @torch.no_grad()
 def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int = 8, *,
                         return_routes: bool = False):
-    """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask);
-    with ``return_routes`` also the experts every MoE layer chose, (N, T, layers, k)."""
+    """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask),
+    replaying ``batch.routed_experts`` when set; with ``return_routes`` also the experts
+    every MoE layer used, (N, T, layers, k)."""
     out, routes = [], []
     for start in range(0, batch.input_ids.shape[0], chunk):
         part = batch.rows(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
@@ -83,7 +84,8 @@ def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int 
             return ops.fused_linear_logprobs(window.reshape(-1, window.shape[-1]), weight,
                                              part.targets.reshape(-1), temperature=temperature)
 
-        result = model.forward_hidden(part.input_ids, head=head, return_routes=return_routes)
+        result = model.forward_hidden(part.input_ids, head=head, return_routes=return_routes,
+                                      routed_experts=part.routed_experts)
         out.append(result.head_output.reshape(part.targets.shape) * part.mask)
         routes.append(result.routed_experts)
     if return_routes:
@@ -127,6 +129,35 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
         result |= router_disagreement(out.router_logits, batch.routed_experts,
                                       batch.loss_positions)
     return result
+
+
+def rollout_routes(rollouts: list[Rollout], batch: GRPOBatch, layers: int, top_k: int,
+                   own_routes) -> tuple[torch.Tensor, float]:
+    """The sampler's experts for every row of ``batch``, (N, T, layers, k) int32, for
+    routing replay (R3). A row needs p + c − 1 rows of routes (its last token and the
+    padding influence no loss term; they repeat the last known row). Positions a sampler
+    did not report take the trainer's own experts (``own_routes()``, (N, T, layers, k),
+    computed once if needed); returns the routes and the fraction of needed positions so
+    filled."""
+    n, steps = batch.input_ids.shape
+    out = torch.zeros(n, steps, layers, top_k, dtype=torch.int32)
+    own, filled, needed = None, 0, 0
+    for b, r in enumerate(rollouts):
+        want = len(r.prompt_ids) + len(r.completion_ids) - 1
+        needed += want
+        got = 0
+        if r.routed_experts is not None:
+            routes = torch.as_tensor(r.routed_experts).reshape(-1, layers, top_k)
+            got = min(want, routes.shape[0])
+            out[b, :got] = routes[:got].int()
+        if got < want:
+            if own is None:
+                own = own_routes().cpu()
+            out[b, got:want] = own[b, got:want]
+            filled += want - got
+        last = max(want, 1)
+        out[b, last:] = out[b, last - 1]
+    return out.to(batch.input_ids.device), filled / max(needed, 1)
 
 
 @torch.no_grad()

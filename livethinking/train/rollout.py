@@ -20,18 +20,24 @@ class Rollout:
     text: str
     logprobs: list[float] | None  # the sampler's, under softmax(logits / temperature)
     weight_version: str | None = None  # of the policy that sampled it (servers only)
+    # the sampler's experts per token but the last, (prompt + completion − 1, layers, k)
+    # or flat (the servers' wire form); only when routing replay asks for them
+    routed_experts: object = None
 
 
 def engine_rollouts(llm, records: list[LivestreamRecord], prompts: list[list[int]],
-                    config: RolloutConfig, seeds: list[int]) -> list[list[Rollout]]:
-    """One group of ``group_size`` rollouts per prompt; the prompt is prefilled once."""
+                    config: RolloutConfig, seeds: list[int], *,
+                    routes: bool = False) -> list[list[Rollout]]:
+    """One group of ``group_size`` rollouts per prompt; the prompt is prefilled once.
+    ``routes``: each rollout keeps the experts the engine chose (routing replay R3)."""
     from livethinking.engine import SamplingParams
 
     params = [SamplingParams(n=config.group_size, temperature=config.temperature,
                              top_p=config.top_p, top_k=config.top_k, max_tokens=config.max_tokens,
-                             seed=seed) for seed in seeds]
+                             seed=seed, return_routed_experts=routes) for seed in seeds]
     outputs = llm.generate(prompts, params)
-    return [[Rollout(record, prompt, list(c.token_ids), c.text, c.logprobs) for c in out.outputs]
+    return [[Rollout(record, prompt, list(c.token_ids), c.text, c.logprobs,
+                     routed_experts=c.routed_experts) for c in out.outputs]
             for record, prompt, out in zip(records, prompts, outputs)]
 
 
@@ -67,13 +73,15 @@ def openai_rollouts(tokenizer, records: list[LivestreamRecord], prompts: list[li
 
 def server_rollouts(pool, records: list[LivestreamRecord], prompts: list[list[int]],
                     config: RolloutConfig, seeds: list[int], *,
-                    eos_token_ids: set[int]) -> list[list[Rollout]]:
+                    eos_token_ids: set[int], routes: bool = False) -> list[list[Rollout]]:
     """One group per prompt from the rollout servers (``ServerPool``): the servers' own
     token ids and sampler log-probs, and the weight version that sampled them."""
     params = [{"n": config.group_size, "temperature": config.temperature,
                "top_p": config.top_p, "top_k": config.top_k or -1,
                "max_new_tokens": config.max_tokens, "sampling_seed": seed} for seed in seeds]
     pool.refresh_health()
-    answers = pool.generate_many(prompts, params, eos_token_ids=eos_token_ids)
-    return [[Rollout(record, prompt, s.token_ids, s.text, s.logprobs, s.weight_version)
+    answers = pool.generate_many(prompts, params, eos_token_ids=eos_token_ids,
+                                 return_routed_experts=routes)
+    return [[Rollout(record, prompt, s.token_ids, s.text, s.logprobs, s.weight_version,
+                     s.routed_experts)
              for s in samples] for record, prompt, samples in zip(records, prompts, answers)]
