@@ -184,12 +184,14 @@ def test_reward_rises_with_and_without_staleness(tmp_path, demo_setup, rft_stude
     assert sum(tokens[-3:]) / 3 < sum(tokens[:3]) / 3 - 5, tokens
 
 
-@pytest.mark.parametrize("weight_sync", ["distributed", "disk"])
+@pytest.mark.parametrize("weight_sync, staleness", [("distributed", 0), ("disk", 0),
+                                                    ("distributed", 1)])
 def test_two_trainer_processes_drive_the_servers(tmp_path, demo_setup, two_servers,
-                                                 weight_sync):
-    """Under torchrun (2 ranks, FSDP2 on gloo) both ranks sample from the servers and rank
-    0 pushes the gathered weights after every step: the servers end on the saved final
-    policy bit for bit, and each step's metrics count both servers."""
+                                                 weight_sync, staleness):
+    """Under torchrun (2 ranks, FSDP2 on gloo) both ranks sample from the servers (with
+    ``max_staleness: 1`` ahead of training, each rank its share) and rank 0 pushes the
+    gathered weights after every step: the servers end on the saved final policy bit for
+    bit, and each step's metrics count both servers."""
     import os
     import subprocess
     import sys
@@ -202,8 +204,9 @@ def test_two_trainer_processes_drive_the_servers(tmp_path, demo_setup, two_serve
     config = tmp_path / "grpo.yaml"
     config.write_text(
         f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: {SYSTEM}\n"
-        "steps: 2\nprompts_per_step: 4\ndynamic_sampling: false\n"
+        f"steps: {2 + staleness}\nprompts_per_step: 4\ndynamic_sampling: false\n"
         f"rollout: {{source: servers, servers: [{servers}], weight_sync: {weight_sync}, "
+        f"max_staleness: {staleness}, "
         "group_size: 4, max_tokens: 16, bucket_mb: 0.05}\n"
         "optim: {lr: 0.01}\nloss: {beta: 0.0}\n"
         f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
@@ -215,7 +218,11 @@ def test_two_trainer_processes_drive_the_servers(tmp_path, demo_setup, two_serve
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     steps = [r for r in rows if "push_s" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["step"] for r in steps] == list(range(1, 3 + staleness))
     assert all(r["push_servers"] == 2 and r["servers_healthy"] == 2 for r in steps)
+    if staleness:  # a batch was begun on older weights while the step before it trained
+        assert all(f"staleness/{d}" in r for r in steps for d in (0, 1))
+        assert max(r["staleness/1"] for r in steps) > 0
     final = weights_checksum(CausalLM.from_pretrained(out / "final"))
-    assert _checksums(two_servers) == [{"checksum": final, "weight_version": "2"}] * 2
+    assert _checksums(two_servers) == [{"checksum": final,
+                                        "weight_version": str(2 + staleness)}] * 2

@@ -159,9 +159,6 @@ class GRPOTrainer:
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
         self.stream = PromptStream(len(self.records), config.run.seed)
         if config.rollout.source == "servers":
-            if config.rollout.max_staleness and dist.world_size > 1:
-                raise ConfigError("rollout.max_staleness > 0 needs a single trainer process; "
-                                  "use max_staleness 0 under torchrun")
             self.pool, self.pusher = _server_rollouts(config, dist.rank)
         return config.steps, config.steps * config.updates_per_batch
 
@@ -176,9 +173,11 @@ class GRPOTrainer:
         if self.config.rollout.max_staleness:
             from livethinking.rollout import RolloutsAhead
 
-            take = self.config.prompts_per_step
-            self.ahead = RolloutsAhead(lambda: self.rollouts(self.stream.take(take)),
-                                       max_ahead=self.config.rollout.max_staleness)
+            # every rank's producer draws the same global batch and samples its share
+            take, dist = self.config.prompts_per_step, self.run.dist
+            self.ahead = RolloutsAhead(
+                lambda: self.rollouts(self.stream.take(take)[dist.rank::dist.world_size]),
+                max_ahead=self.config.rollout.max_staleness)
         if self.l_ref is None and self.config.reward.w_length:
             self.l_ref = measure_l_ref(self.config, self.llm, self.run.tokenizer, self.records)
             self.run.log(f"grpo: L_ref = {self.l_ref:.1f} tokens (the starting model's mean "
@@ -320,13 +319,15 @@ class GRPOTrainer:
         ``max_staleness`` versions behind the policy are dropped (``groups_stale``); the
         rest are scored and filtered as usual. Stats add the staleness histogram
         (``staleness/d``: the fraction of kept samples d versions old) and both sides' idle
-        seconds."""
+        seconds. Under data parallelism each rank takes its share from its own producer and
+        all keep as many groups as the rank with the fewest."""
         began = time.perf_counter()
-        config, k = self.config, self.config.rollout.max_staleness
+        config, k, dist = self.config, self.config.rollout.max_staleness, self.run.dist
         current = int(self.weight_version)
+        want = config.prompts_per_step // dist.world_size
         groups, scores, dropped, stale, waited, rounds = [], [], 0, 0, 0.0, 0
-        lags: list[int] = []
-        while len(groups) < config.prompts_per_step and rounds <= config.max_refill_rounds:
+        lags: list[list[int]] = []  # per kept group
+        while len(groups) < want and rounds <= config.max_refill_rounds:
             batch, wait = self.ahead.get()
             waited, rounds = waited + wait, rounds + 1
             for group in batch:
@@ -338,15 +339,18 @@ class GRPOTrainer:
                 if breakdown is None:
                     dropped += 1
                     continue
-                if len(groups) < config.prompts_per_step:
+                if len(groups) < want:
                     groups.append(group)
                     scores.append(breakdown)
-                    lags += group_lags
+                    lags.append(group_lags)
+        (keep,) = all_reduce_min([len(groups)], dist)
+        groups, scores = groups[:int(keep)], scores[:int(keep)]
+        kept = [lag for group_lags in lags[:int(keep)] for lag in group_lags]
         stats = {"groups_dropped": dropped, "groups_stale": stale, "refill_rounds": rounds - 1,
                  "rollout_s": time.perf_counter() - began, "trainer_idle_s": waited,
                  "rollout_busy_s": self.ahead.producer_busy_s,
                  "rollout_idle_s": self.ahead.producer_idle_s}
-        stats |= {f"staleness/{d}": lags.count(d) / max(1, len(lags)) for d in range(k + 1)}
+        stats |= {f"staleness/{d}": kept.count(d) / max(1, len(kept)) for d in range(k + 1)}
         return groups, scores, stats
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
