@@ -157,3 +157,35 @@ def test_a_dense_model_refuses_routes():
     with pytest.raises(ValueError, match="no MoE layer"):
         model.forward_hidden(torch.ones(1, 3, dtype=torch.long),
                              routed_experts=torch.zeros(1, 3, 1, 4, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_through_the_triton_moe_on_cuda(dtype, generator):
+    """On CUDA the replayed ids go straight into the Triton fused MoE (no top-k): a
+    forward's own routes replay bit for bit, and a replayed block (forward and router
+    gradient) stays within the dtype's budget of the fp64 reference."""
+    model = _model(seed=3).cuda().to(dtype)
+    ids = torch.randint(2, 97, (2, 17), generator=generator).cuda()
+    plain = model.forward_hidden(ids, return_routes=True)
+    replayed = model.forward_hidden(ids, routed_experts=plain.routed_experts)
+    assert torch.equal(replayed.hidden_states, plain.hidden_states)
+    block = SparseMoeBlock(24, 12, 16, 4, True).cuda().to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator).cuda() * 0.4)
+    x = torch.randn(33, 24, generator=generator).cuda().to(dtype)
+    routes = torch.stack([torch.randperm(16, generator=generator)[:4] for _ in range(33)])
+    out, _, _ = block(x, routes.cuda())
+    out.float().sum().backward()
+    params = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in [x] + params]
+    ref = _reference_block(*ref_in, routes, True)
+    ref.sum().backward()
+    budget = 2e-6 if dtype == torch.float32 else 3e-2
+    scale = float(ref.detach().abs().max())
+    torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), rtol=0,
+                               atol=budget * scale)
+    grad = ref_in[1].grad
+    torch.testing.assert_close(block.gate.weight.grad.double().cpu(), grad, rtol=0,
+                               atol=budget * 4 * float(grad.abs().max()))
