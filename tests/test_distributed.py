@@ -86,14 +86,14 @@ def test_two_processes_follow_one_process(tmp_path, demo_setup):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
-def _grpo(tmp_path, demo_setup, name, nproc, loss="{}"):
+def _grpo(tmp_path, demo_setup, name, nproc, loss="{}", top=""):
     paths, _, student = demo_setup
     out = tmp_path / name
     config = tmp_path / f"{name}.yaml"
     # no dynamic sampling and no aux loss: both are functions of each rank's own batch
     config.write_text(
         f"model: {student}\ntrain_data: {paths.train}\nsystem_prompt: Answer from the document.\n"
-        "steps: 3\nprompts_per_step: 4\ndynamic_sampling: false\naux_loss: false\n"
+        f"steps: 3\nprompts_per_step: 4\ndynamic_sampling: false\naux_loss: false\n{top}"
         f"rollout: {{group_size: 4, max_tokens: 16}}\noptim: {{lr: 0.001}}\nloss: {loss}\n"
         f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
     command = ["-m", "livethinking.train", "grpo", "--config", str(config)]
@@ -106,13 +106,18 @@ def _grpo(tmp_path, demo_setup, name, nproc, loss="{}"):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
 
 
-@pytest.mark.parametrize("scale", ["group", "batch"])
-def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale):
+@pytest.mark.parametrize("scale, micro", [("group", None), ("batch", None), ("batch", 160)])
+def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micro):
     """``batch``: the advantages' std is over the global batch (rewards gathered from every
-    rank first, as TRL), so the loss and gradients equal the 1-process run's."""
+    rank first, as TRL), so the loss and gradients equal the 1-process run's. With a small
+    ``micro_batch_tokens`` each rank runs its rows as several microbatches (as many on
+    every rank: the one with fewer runs zero-weight fillers), and still follows."""
     loss = f"{{advantage_scale: {scale}}}"
-    one, one_final = _grpo(tmp_path, demo_setup, "one", 1, loss)
-    two, two_final = _grpo(tmp_path, demo_setup, "two", 2, loss)
+    top = "" if micro is None else f"micro_batch_tokens: {micro}\n"
+    one, one_final = _grpo(tmp_path, demo_setup, "one", 1, loss, top)
+    two, two_final = _grpo(tmp_path, demo_setup, "two", 2, loss, top)
+    if micro is not None:
+        assert all(r["microbatches"] > 1 for r in one)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["response_tokens"] == pytest.approx(a["response_tokens"])  # the same rollouts
@@ -123,6 +128,17 @@ def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale):
     b = CausalLM.from_pretrained(two_final).state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_grpo_microbatched_old_and_reference_logprobs_under_fsdp(tmp_path, demo_setup):
+    """Old-policy and reference log-probs in microbatches under FSDP: the ranks forward as
+    often as each other (fillers), so a run with two updates per batch and a KL term
+    finishes (the subprocess timeout guards a hang)."""
+    rows, _ = _grpo(tmp_path, demo_setup, "two", 2, "{beta: 0.05}",
+                    "micro_batch_tokens: 160\nupdates_per_batch: 2\n")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["microbatches"] >= 1 and r["kl"] >= 0 for r in steps)
 
 
 def test_two_process_checkpoint_resumes_exactly(tmp_path, demo_setup):

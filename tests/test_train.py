@@ -227,8 +227,9 @@ def test_rft_resume_is_bit_identical(tmp_path, demo_setup):
 
 
 def test_gradient_checkpointing_is_set_from_the_config(tmp_path, demo_setup, monkeypatch):
-    """``run.gradient_checkpointing`` reaches the model: every decoder layer is recomputed
-    in backward (torch.utils.checkpoint), and the losses are those of a plain run."""
+    """Top-level ``activation_checkpointing`` reaches the model: every decoder layer is
+    recomputed in backward (torch.utils.checkpoint), and the losses are those of a plain
+    run."""
     from livethinking.model import model as model_module
 
     checkpointed = []
@@ -244,10 +245,10 @@ def test_gradient_checkpointing_is_set_from_the_config(tmp_path, demo_setup, mon
     assert not checkpointed
     config = load_config(RFTConfig, None, [f"model={plain.model}",
                                            f"train_data={plain.train_data}",
-                                           "teacher.kind=demo", "run.gradient_checkpointing=true"])
-    assert config.run.gradient_checkpointing
+                                           "teacher.kind=demo", "activation_checkpointing=true"])
+    assert config.activation_checkpointing
     recomputed = _rft_config(tmp_path / "ckpt", demo_setup, max_steps=2,
-                             run=_run(tmp_path / "ckpt", gradient_checkpointing=True))
+                             activation_checkpointing=True)
     run_rft(recomputed, log=lambda *_: None)
     assert checkpointed and all(isinstance(f, torch.nn.Module) for f in checkpointed)
     assert _losses(tmp_path / "ckpt") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)

@@ -228,3 +228,50 @@ def test_routing_replay_rollout_needs_a_sampler_that_reports_routes():
         GRPOConfig(model="m", train_data="t", loss=LossConfig(routing_replay="rollout"),
                    rollout=RolloutConfig(source="openai", base_urls=["http://x"],
                                          served_model="m"))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_microbatches_give_the_gradients_of_one_batch(tiny_checkpoint, tmp_path, loss_type):
+    """A minibatch run as several microbatches (``micro_batch_tokens`` small) accumulates
+    the gradients and the loss of one forward over the whole minibatch, for every loss
+    type, with old log-probs, importance weights and a reference term in play."""
+    from livethinking.train.grpo_step import micro_batches
+
+    grads, losses = [], []
+    rollouts = _rollouts(torch.Generator().manual_seed(11), 320, groups=2)
+    for budget in (10_000, 24):
+        rollout = RolloutConfig(source="openai", base_urls=["http://unused"], served_model="m",
+                                group_size=G, max_tokens=8)
+        trainer = _trainer(tiny_checkpoint, tmp_path, rollout=rollout, aux_loss=False,
+                           micro_batch_tokens=budget,
+                           loss=LossConfig(loss_type=loss_type, beta=0.05, epsilon_high=0.28))
+        model = trainer.run.model
+        batch = build_batch(rollouts, torch.device("cpu"))
+        g = torch.Generator().manual_seed(5)
+        old = completion_logprobs(model, batch, 1.0) + 0.1 * torch.randn(
+            batch.mask.shape, generator=g) * batch.mask
+        ref = old + 0.2 * torch.randn(batch.mask.shape, generator=g) * batch.mask
+        weights = torch.rand(batch.mask.shape, generator=g) * batch.mask
+        advantages = torch.randn(len(rollouts), generator=g)
+        rows = torch.arange(len(rollouts))
+        model.zero_grad()
+        stats = trainer._minibatch_backward(batch, rows, advantages, old, ref, weights)
+        if budget == 24:
+            lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+            assert stats["microbatches"] == len(micro_batches(lengths, 24)) > 2
+        grads.append([p.grad.clone() for p in model.parameters()])
+        losses.append(stats["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+    scale = max(float(g.abs().max()) for g in grads[0])
+    for whole, micro in zip(*grads):
+        torch.testing.assert_close(micro, whole, rtol=0, atol=2e-5 * scale)
+
+
+def test_micro_batches_pack_rows_within_the_budget():
+    from livethinking.train.grpo_step import micro_batches
+
+    assert micro_batches([5, 5, 5, 9, 30, 2], 15) == [[0, 1, 2], [3], [4], [5]]
+    assert micro_batches([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert micro_batches([], 8) == []
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        GRPOConfig(model="m", train_data="t", micro_batch_tokens=0)

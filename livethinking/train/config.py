@@ -28,7 +28,7 @@ class RunConfig:
     # eval_every steps and at the end; 0 with eval_data: at step 0 and at the end only
     eval_every: int = 0
     eval_max_tokens: int = 256  # greedy answer length in evaluation
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
+    gradient_checkpointing: bool = False  # the older spelling of activation_checkpointing
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
@@ -131,11 +131,18 @@ class RFTConfig:
     row_tokens: int = 1024  # tokens per packed row
     rows_per_step: int = 4  # rows per optimizer step (accumulated one at a time)
     aux_loss: bool = True
+    # tokens per forward/backward per rank: RFT forwards one packed row (row_tokens) at a
+    # time, so row_tokens must fit in it
+    micro_batch_tokens: int = 8192
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "row_tokens", "rows_per_step")
+        _positive(self, "epochs", "row_tokens", "rows_per_step", "micro_batch_tokens")
+        if self.row_tokens > self.micro_batch_tokens:
+            raise ValueError(f"row_tokens ({self.row_tokens}) must be <= micro_batch_tokens "
+                             f"({self.micro_batch_tokens}): a packed row is one forward")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         _check_eval(self.eval_data, self.run)
@@ -279,6 +286,10 @@ class GRPOConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill
     aux_loss: bool = True  # add the MoE load-balancing loss of the rollout tokens
     max_refill_rounds: int = 3
+    # padded tokens per forward/backward per rank: a minibatch runs as microbatches of
+    # whole rows within it (gradients accumulated, the loss normalised as one batch)
+    micro_batch_tokens: int = 8192
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -286,7 +297,7 @@ class GRPOConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "prompts_per_step", "updates_per_batch")
+        _positive(self, "steps", "prompts_per_step", "updates_per_batch", "micro_batch_tokens")
         if self.prompts_per_step % self.updates_per_batch:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"updates_per_batch ({self.updates_per_batch})")

@@ -32,8 +32,9 @@ from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
                                             all_reduce_sum, full_state_dict)
-from livethinking.train.grpo_step import (build_batch, completion_logprobs,
-                                          policy_loss_backward, rollout_routes)
+from livethinking.train.grpo_step import (build_batch, completion_logprobs, micro_batches,
+                                          micro_loss_scale, policy_loss_backward,
+                                          rollout_routes, trim)
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.rollout import engine_rollouts, openai_rollouts, server_rollouts
 
@@ -372,9 +373,8 @@ class GRPOTrainer:
         the importance weights of ``rollout.correction`` on every update (and its
         ``rollout_is/*`` diagnostics: train–inference KL, |Δ log-prob|, capped/masked)."""
         config, run = self.config, self.run
-        model, dist, G = run.model, run.dist, config.rollout.group_size
+        model, G = run.model, config.rollout.group_size
         batch = build_batch(rollouts, run.device)
-        temperature = config.rollout.temperature
         external = config.rollout.source != "engine"
         old = None
         replay_old = config.loss.routing_replay == "old"
@@ -384,16 +384,15 @@ class GRPOTrainer:
             layers = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
             batch.routed_experts, filled = rollout_routes(
                 rollouts, batch, layers, mc.num_experts_per_tok,
-                lambda: completion_logprobs(model, batch, temperature, return_routes=True)[1])
+                lambda: self._logprobs(model, batch, return_routes=True)[1])
             replayed = {"routing_replay_filled": filled}
         if config.updates_per_batch > 1 or external:
             if config.rollout.deterministic and not external and batch.sampler_logprobs is not None:
                 old = batch.sampler_logprobs  # the engine reported the trainer's own numbers
                 if replay_old:
-                    _, batch.routed_experts = completion_logprobs(model, batch, temperature,
-                                                                  return_routes=True)
+                    _, batch.routed_experts = self._logprobs(model, batch, return_routes=True)
             else:
-                old = completion_logprobs(model, batch, temperature, return_routes=replay_old)
+                old = self._logprobs(model, batch, return_routes=replay_old)
                 if replay_old:
                     old, batch.routed_experts = old
         # on-policy with one update: the forward's own routes are the old policy's (R2 = none)
@@ -404,27 +403,74 @@ class GRPOTrainer:
                 old, batch.sampler_logprobs, batch.mask, mode=c.mode, cap=c.cap, low=c.low,
                 high=c.high)
             correction = diagnostics.as_dict()
-        ref = completion_logprobs(self.reference, batch, temperature) \
-            if self.reference is not None else None
+        ref = self._logprobs(self.reference, batch) if self.reference is not None else None
         num_groups = len(rollouts) // G
         order = torch.randperm(num_groups,
                                generator=torch.Generator().manual_seed(self.stream.cursor))
         self.update_stats = []
         for chosen in torch.tensor_split(order, min(config.updates_per_batch, num_groups)):
             rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1).to(run.device)
-            pick = (lambda t: None if t is None else t[rows])
-            items = None
-            if dist.world_size > 1:  # FSDP averages over ranks: the global count / world
-                (tokens,) = all_reduce_sum([float(batch.mask[rows].sum())], dist)
-                items = tokens / dist.world_size
-            result = policy_loss_backward(
-                model, batch.rows(rows), advantages[rows], old_logprobs=pick(old),
-                ref_logprobs=pick(ref), rollout_is_weights=pick(is_weights), loss=config.loss,
-                temperature=temperature, max_completion_length=config.rollout.max_tokens,
-                num_items_in_batch=items, aux_loss=config.aux_loss)
+            result = self._minibatch_backward(batch, rows, advantages, old, ref, is_weights)
             self.update_stats.append(result | run.optimizer.step())
         return {key: statistics.fmean(s[key] for s in self.update_stats)
                 for key in self.update_stats[0]} | correction | replayed
+
+
+    def _logprobs(self, model, batch, *, return_routes: bool = False):
+        """`completion_logprobs` in microbatches of ``micro_batch_tokens``, as many forwards
+        on every rank."""
+        lengths = (batch.window[:, 0] + 1 + batch.mask.sum(-1).long()).tolist()
+        groups = micro_batches(lengths, self.config.micro_batch_tokens)
+        (count,) = all_reduce_max([len(groups)], self.run.dist)
+        return completion_logprobs(model, batch, self.config.rollout.temperature,
+                                   return_routes=return_routes, groups=groups,
+                                   num_forwards=int(count))
+
+    def _minibatch_backward(self, batch, rows, advantages, old, ref, is_weights
+                            ) -> dict[str, float]:
+        """Gradients of one minibatch's loss, accumulated over microbatches of at most
+        ``micro_batch_tokens`` padded tokens, each scaled to its share so the sum is the
+        minibatch's loss (`micro_loss_scale`; dapo/cispo divide every microbatch by the
+        minibatch's token count). Every rank runs as many microbatches as the rank with the
+        most (zero-weight fillers), so FSDP's collectives stay in step. The balance loss is
+        each microbatch's own, weighted by its share of the rows. Stats: ``loss`` summed,
+        the rest averaged weighted by tokens."""
+        config, run = self.config, self.run
+        dist, loss_cfg = run.dist, config.loss
+        lengths = (batch.window[rows, 0] + 1 + batch.mask[rows].sum(-1).long()).tolist()
+        groups = micro_batches(lengths, config.micro_batch_tokens)
+        (count,) = all_reduce_max([len(groups)], dist)
+        total_rows, total_tokens = len(lengths), float(batch.mask[rows].sum())
+        items = total_tokens
+        if dist.world_size > 1:  # FSDP averages over ranks: the global count / world
+            (tokens,) = all_reduce_sum([total_tokens], dist)
+            items = tokens / dist.world_size
+        sums: dict[str, float] = {}
+        weight_sum = 0.0
+        for k in range(int(count)):
+            filler = k >= len(groups)
+            index = rows[torch.tensor(groups[0] if filler else groups[k], device=rows.device)]
+            micro = trim(batch.rows(index))
+            comp = micro.mask.shape[1]
+            pick = (lambda t: None if t is None else t[index][:, :comp])
+            tokens = float(micro.mask.sum())
+            scale = 0.0 if filler else micro_loss_scale(loss_cfg.loss_type, len(index), tokens,
+                                                        total_rows, total_tokens)
+            result = policy_loss_backward(
+                run.model, micro, advantages[index], old_logprobs=pick(old),
+                ref_logprobs=pick(ref), rollout_is_weights=pick(is_weights), loss=loss_cfg,
+                temperature=config.rollout.temperature,
+                max_completion_length=config.rollout.max_tokens, num_items_in_batch=items,
+                aux_loss=config.aux_loss, loss_scale=scale,
+                aux_scale=0.0 if filler else len(index) / total_rows)
+            if filler:
+                continue
+            sums["loss"] = sums.get("loss", 0.0) + result.pop("loss")
+            for key, value in result.items():
+                sums[key] = sums.get(key, 0.0) + value * tokens
+            weight_sum += tokens
+        out = {"loss": sums.pop("loss", 0.0), "microbatches": float(len(groups))}
+        return out | {key: value / max(weight_sum, 1e-12) for key, value in sums.items()}
 
 
 def _server_rollouts(config: GRPOConfig, rank: int):

@@ -16,8 +16,9 @@ from livethinking import ops
 from livethinking.train.config import LossConfig
 from livethinking.train.rollout import Rollout
 
-__all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "policy_loss_backward",
-           "rollout_routes", "router_disagreement"]
+__all__ = ["GRPOBatch", "build_batch", "completion_logprobs", "micro_batches",
+           "micro_loss_scale", "policy_loss_backward", "rollout_routes", "router_disagreement",
+           "trim"]
 
 
 @dataclass(slots=True)
@@ -70,14 +71,24 @@ def _window(hidden: torch.Tensor, batch: GRPOBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int = 8, *,
-                        return_routes: bool = False):
+                        return_routes: bool = False, groups: list[list[int]] | None = None,
+                        num_forwards: int = 0):
     """log softmax(logits / temperature) at each completion token, (N, Tc) fp32 (0 off-mask),
     replaying ``batch.routed_experts`` when set; with ``return_routes`` also the experts
-    every MoE layer used, (N, T, layers, k)."""
-    out, routes = [], []
-    for start in range(0, batch.input_ids.shape[0], chunk):
-        part = batch.rows(torch.arange(start, min(start + chunk, batch.input_ids.shape[0]),
-                                       device=batch.input_ids.device))
+    every MoE layer used, (N, T, layers, k). One forward per group of rows (``groups``,
+    e.g. :func:`micro_batches`, padding trimmed; default: ``chunk`` rows at a time), and
+    at least ``num_forwards`` forwards (the extra ones repeat the first group, their
+    results unused: under FSDP every rank must forward as often)."""
+    n, steps = batch.input_ids.shape
+    device = batch.input_ids.device
+    if groups is None:
+        groups = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=device)
+    routes = None
+    for k in range(max(len(groups), num_forwards)):
+        filler = k >= len(groups)
+        index = torch.tensor(groups[0] if filler else groups[k], device=device)
+        part = trim(batch.rows(index))
 
         def head(hidden, weight, part=part):
             window = _window(hidden, part)
@@ -86,20 +97,73 @@ def completion_logprobs(model, batch: GRPOBatch, temperature: float, chunk: int 
 
         result = model.forward_hidden(part.input_ids, head=head, return_routes=return_routes,
                                       routed_experts=part.routed_experts)
-        out.append(result.head_output.reshape(part.targets.shape) * part.mask)
-        routes.append(result.routed_experts)
+        if filler:
+            continue
+        comp = part.targets.shape[1]
+        out[index, :comp] = result.head_output.reshape(part.targets.shape) * part.mask
+        if result.routed_experts is not None:
+            used = result.routed_experts  # (rows, T_part, layers, k)
+            if routes is None:
+                routes = torch.zeros(n, steps, *used.shape[2:], dtype=used.dtype, device=device)
+            routes[index, :used.shape[1]] = used
+            routes[index, used.shape[1]:] = used[:, -1:]  # padding: any valid experts
     if return_routes:
-        return torch.cat(out), (torch.cat(routes) if routes[0] is not None else None)
-    return torch.cat(out)
+        return out, routes
+    return out
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of row indices whose padded size (rows × the longest row) stays
+    within ``budget`` tokens; a row longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= budget:
+            groups[-1].append(i)
+            longest = max(longest, n)
+        else:
+            groups.append([i])
+            longest = n
+    return groups
+
+
+def micro_loss_scale(loss_type: str, rows: int, tokens: float, total_rows: int,
+                     total_tokens: float) -> float:
+    """The factor that makes a microbatch's loss (computed on its own ``rows`` and
+    ``tokens``) its share of the minibatch's: grpo and dr_grpo average over sequences
+    (rows / total_rows), bnpo over tokens (tokens / total_tokens); dapo and cispo divide by
+    ``num_items_in_batch``, which the caller sets to the minibatch's count (1)."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return rows / max(total_rows, 1)
+    if loss_type == "bnpo":
+        return tokens / max(total_tokens, 1.0)
+    return 1.0
+
+
+def trim(batch: GRPOBatch) -> GRPOBatch:
+    """``batch`` without the padding columns beyond its longest row (prompt + completion)
+    and its longest completion."""
+    completions = batch.mask.sum(-1).long()  # (N,)
+    lengths = batch.window[:, 0] + 1 + completions  # prompt + completion per row
+    steps = min(max(1, int(lengths.max())), batch.input_ids.shape[1])
+    comp = max(1, int(completions.max()))
+    cut = (lambda t, n: None if t is None else t[:, :n])
+    return GRPOBatch(batch.input_ids[:, :steps], batch.window[:, :comp].clamp(max=steps - 1),
+                     batch.targets[:, :comp], batch.mask[:, :comp],
+                     cut(batch.sampler_logprobs, comp), batch.loss_positions[:, :steps],
+                     cut(batch.routed_experts, steps))
 
 
 def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
                          old_logprobs, ref_logprobs, rollout_is_weights, loss: LossConfig,
                          temperature: float, max_completion_length: int,
                          num_items_in_batch: float | None = None,
-                         aux_loss: bool = True) -> dict[str, float]:
+                         aux_loss: bool = True, loss_scale: float = 1.0,
+                         aux_scale: float = 1.0) -> dict[str, float]:
     """Backward of the GRPO-family loss (+ MoE balance loss over the completion tokens'
-    positions, ``loss_positions``: no prompt, no padding) on one minibatch. With
+    positions, ``loss_positions``: no prompt, no padding) on one minibatch (or one
+    microbatch of it: the policy loss is multiplied by ``loss_scale`` and the balance loss
+    by ``aux_scale`` before the backward, and ``loss`` is the scaled value). With
     ``batch.routed_experts`` the forward replays those experts, and
     ``router_disagreement`` is the fraction of (loss position, MoE layer) pairs whose own
     top-k set differs from the replayed one (``router_disagreement/{i}`` per layer)."""
@@ -116,11 +180,11 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
     out = model.forward_hidden(batch.input_ids, head=head, token_mask=batch.loss_positions,
                                routed_experts=batch.routed_experts)
     value, stats = out.head_output
-    total = value
+    total = value * loss_scale
     if aux_loss and out.weighted_aux_loss is not None:
-        total = total + out.weighted_aux_loss
+        total = total + out.weighted_aux_loss * aux_scale
     total.backward()
-    result = {"loss": float(value.detach())}
+    result = {"loss": float(value.detach()) * loss_scale}
     for key in ("entropy", "kl", "clip_ratio_region", "clip_ratio_low", "clip_ratio_high",
                 "ratio"):
         if key in stats:

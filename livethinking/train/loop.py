@@ -83,7 +83,9 @@ def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Pa
     if not dist.is_main:
         log = (lambda *_: None)
     model, tokenizer = load_policy(start_at.policy_path, start_at.device, start_at.dtype)
-    model.gradient_checkpointing = settings.gradient_checkpointing
+    # top-level activation_checkpointing (run.gradient_checkpointing: its older spelling)
+    model.gradient_checkpointing = bool(getattr(config, "activation_checkpointing", False)
+                                        or settings.gradient_checkpointing)
     if dist.world_size > 1:
         shard_model(model, dist)
     run = TrainingRun(start_at.out, start_at.device, start_at.dtype, dist, start_at.policy_path,
