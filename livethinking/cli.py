@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -47,6 +48,55 @@ def _serve(args: argparse.Namespace) -> int:
                     api_key=api_key, **limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _parse_bytes(text: str) -> int:
+    """'80GiB', '141 GiB', '80GB' (10^9), '512MiB' or a plain byte count."""
+    units = {"gib": 1024**3, "mib": 1024**2, "tib": 1024**4, "gb": 10**9, "mb": 10**6,
+             "tb": 10**12, "b": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if cleaned.endswith(unit):
+            return int(float(cleaned[:-len(unit)]) * factor)
+    return int(float(cleaned))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    import yaml
+
+    from livethinking.model import ModelConfig
+    from livethinking.train.config import GRPOConfig, RFTConfig
+    from livethinking.train.config_io import ConfigError, load_config
+    from livethinking.train.memory_plan import plan_memory
+
+    try:
+        gpu_memory = _parse_bytes(args.gpu_memory)
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        algorithm = args.algorithm or ("grpo" if "rollout" in raw or "prompts_per_step" in raw
+                                       else "rft")
+        config = load_config(GRPOConfig if algorithm == "grpo" else RFTConfig, args.config,
+                             args.overrides)
+        config_file = Path(config.model) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"model: {config_file} not found (a folder with the model's "
+                              f"config.json is enough)")
+        model_config = ModelConfig.from_dict(json_module.loads(config_file.read_text()))
+        plan = plan_memory(config, model_config, gpus=args.gpus, gpu_memory=gpu_memory,
+                           layout=args.layout)
+    except (ConfigError, ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"livethinking plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json_module.dumps(plan.as_dict(), indent=2))
+    else:
+        s = plan.settings
+        print(f"{s['algorithm']} of {s['parameters'] / 1e9:.2f}B parameters on {args.gpus} × "
+              f"{gpu_memory / 1024**3:.0f} GiB, {args.layout}; microbatch {s['micro_batch_tokens']} "
+              f"tokens, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}")
+        print(plan.table())
+    return 0 if plan.fits else 1
 
 
 def _data_make_demo(args: argparse.Namespace) -> int:
@@ -142,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of an RFT or GRPO config, before "
+                                            "a run: fits, or the cheapest change that fits")
+    plan.add_argument("--config", required=True, help="the run's YAML config")
+    plan.add_argument("--gpus", type=int, default=1, help="training GPUs (FSDP ranks)")
+    plan.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB")
+    plan.add_argument("--layout", choices=["colocated", "disaggregated"], default="colocated",
+                      help="GRPO: rollouts on the training GPUs, or on separate servers")
+    plan.add_argument("--algorithm", choices=["rft", "grpo"],
+                      help="default: grpo when the config has rollout/prompts_per_step")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", help="key=value config overrides")
+    plan.set_defaults(run=_plan)
 
     from livethinking.train.entry import COMMANDS, add_run_arguments, run_command
 

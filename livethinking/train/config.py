@@ -198,11 +198,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_tokens: int = 128
+    # the prompt length the in-process engine's KV pool is sized for on CUDA (with
+    # max_tokens, for one rollout batch of a rank; longer prompts just run fewer at once)
+    prompt_tokens: int = 1024
     deterministic: bool = False  # the engine's trainer-consistent mode
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "group_size", "max_tokens", "temperature")
+        _positive(self, "group_size", "max_tokens", "temperature", "prompt_tokens")
         if self.source == "openai" and not (self.base_urls and self.served_model):
             raise ValueError("openai rollouts need base_urls and served_model")
         if self.source == "servers":

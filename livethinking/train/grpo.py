@@ -152,7 +152,16 @@ class GRPOTrainer:
             self.reference, _ = load_policy(config.model, run.device, run.dtype)
             self.reference.eval().requires_grad_(False)
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
-        self.llm = LLM(self.rollout_model, run.tokenizer,
+        sizing = {}
+        if run.device.type == "cuda":  # the pool one rollout batch needs, not 85% of the GPU
+            from livethinking.train.memory_plan import rollout_kv_tokens
+
+            block = 16
+            max_len = min(run.model.config.max_position_embeddings, 8192)
+            sizing = {"num_kv_blocks": max(-(-rollout_kv_tokens(config, dist.world_size)
+                                              // block), -(-max_len // block)),
+                      "block_size": block}
+        self.llm = LLM(self.rollout_model, run.tokenizer, **sizing,
                        deterministic=config.rollout.deterministic,
                        enable_return_routed_experts=config.loss.routing_replay == "rollout"
                        and run.model.config.num_experts > 0,
