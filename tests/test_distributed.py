@@ -106,13 +106,15 @@ def _grpo(tmp_path, demo_setup, name, nproc, loss="{}", top=""):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
 
 
-@pytest.mark.parametrize("scale, micro", [("group", None), ("batch", None), ("batch", 160)])
-def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micro):
+@pytest.mark.parametrize("scale, micro, beta", [("group", None, 0.0), ("batch", None, 0.0),
+                                               ("batch", 160, 0.0), ("batch", None, 0.05)])
+def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micro, beta):
     """``batch``: the advantages' std is over the global batch (rewards gathered from every
     rank first, as TRL), so the loss and gradients equal the 1-process run's. With a small
     ``micro_batch_tokens`` each rank runs its rows as several microbatches (as many on
-    every rank: the one with fewer runs zero-weight fillers), and still follows."""
-    loss = f"{{advantage_scale: {scale}}}"
+    every rank: the one with fewer runs zero-weight fillers), and still follows. With a
+    KL term the reference model is FSDP-sharded like the policy."""
+    loss = f"{{advantage_scale: {scale}, beta: {beta}}}"
     top = "" if micro is None else f"micro_batch_tokens: {micro}\n"
     one, one_final = _grpo(tmp_path, demo_setup, "one", 1, loss, top)
     two, two_final = _grpo(tmp_path, demo_setup, "two", 2, loss, top)

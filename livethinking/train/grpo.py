@@ -31,7 +31,7 @@ from livethinking.train.common import load_policy, make_judges, prompt_ids
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
-                                            all_reduce_sum, full_state_dict)
+                                            all_reduce_sum, full_state_dict, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs, micro_batches,
                                           micro_loss_scale, policy_loss_backward,
                                           rollout_routes, trim)
@@ -151,6 +151,8 @@ class GRPOTrainer:
         if config.loss.beta > 0:
             self.reference, _ = load_policy(config.model, run.device, run.dtype)
             self.reference.eval().requires_grad_(False)
+            if dist.world_size > 1:  # sharded like the policy, not a full copy per rank
+                shard_model(self.reference, dist)
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
         sizing = {}
         if run.device.type == "cuda":  # the pool one rollout batch needs, not 85% of the GPU

@@ -28,7 +28,7 @@ training dtype's bytes: 2 on GPU (bf16), 4 on CPU):
   the trainer sizes its engine's pool to exactly that); ``rollout_copy`` b·P when N > 1
   (each rank's engine holds a full unsharded copy of the policy; none with one process:
   it shares the policy's tensors);
-- ``reference_model`` b·P when ``loss.beta > 0`` (a full copy per rank).
+- ``reference_model`` b·P/N when ``loss.beta > 0`` (FSDP-sharded like the policy).
 
 Peak = parameters + unsharded layers + gradients + masters + Adam + resident extras (KV
 pool, rollout copy, reference) + max(activations + loss workspace, master gradients):
@@ -174,7 +174,7 @@ def _plan(config, model_config, counts, *, gpus, gpu_memory, layout, dtype_bytes
             * model_config.head_dim * b
         per_rank["kv_pool"] = rollout_kv_tokens(config, n) * kv_per_token if colocated else 0
         per_rank["rollout_copy"] = b * total if colocated and n > 1 else 0
-        per_rank["reference_model"] = b * total if config.loss.beta > 0 else 0
+        per_rank["reference_model"] = b * total // n if config.loss.beta > 0 else 0
     peak = _peak(per_rank)
     usable = int(USABLE_FRACTION * gpu_memory)
     settings = {"algorithm": "grpo" if grpo else "rft", "gpus": n, "layout": layout,
