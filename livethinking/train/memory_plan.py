@@ -21,7 +21,8 @@ training dtype's bytes: 2 on GPU (bf16), 4 on CPU):
   an MoE layer: its router's fp32 softmax, which the balance loss keeps) and recomputes
   one layer at a time, whose full activations add once. Scaled by b/2.
 - ``loss_workspace``: the gathered completion hidden states (T·H·b) and the fused
-  log-prob op's fp32 chunk buffers (3 × 16 MiB);
+  log-prob op's fp32 chunk buffers (3 × 16 MiB, its CPU path's; the Triton path needs
+  less, unmeasured);
 - GRPO colocated only: ``kv_pool``, the KV cache for one rollout batch of this rank
   (`rollout_kv_tokens`: prompts_per_step / N prompts × group_size sequences ×
   (rollout.prompt_tokens + max_tokens) tokens × 2·layers·kv_heads·head_dim·b; on CUDA
@@ -33,7 +34,7 @@ training dtype's bytes: 2 on GPU (bf16), 4 on CPU):
 Peak = parameters + unsharded layers + gradients + masters + Adam + resident extras (KV
 pool, rollout copy, reference) + max(activations + loss workspace, master gradients):
 the backward and the optimizer step do not overlap. It fits when the peak is at most
-``usable_fraction`` (0.92: CUDA context, NCCL buffers and allocator fragmentation take
+``USABLE_FRACTION`` (0.92: CUDA context, NCCL buffers and allocator fragmentation take
 the rest) of the GPU's memory.
 """
 
