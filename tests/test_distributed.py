@@ -106,15 +106,19 @@ def _grpo(tmp_path, demo_setup, name, nproc, loss="{}", top=""):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
 
 
-@pytest.mark.parametrize("scale, micro, beta", [("group", None, 0.0), ("batch", None, 0.0),
-                                               ("batch", 160, 0.0), ("batch", None, 0.05)])
-def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micro, beta):
+@pytest.mark.parametrize("scale, micro, beta, offload", [
+    ("group", None, 0.0, False), ("batch", None, 0.0, False), ("batch", 160, 0.0, False),
+    ("batch", None, 0.05, False), ("batch", None, 0.05, True)])
+def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micro, beta,
+                                               offload):
     """``batch``: the advantages' std is over the global batch (rewards gathered from every
     rank first, as TRL), so the loss and gradients equal the 1-process run's. With a small
     ``micro_batch_tokens`` each rank runs its rows as several microbatches (as many on
     every rank: the one with fewer runs zero-weight fillers), and still follows. With a
-    KL term the reference model is FSDP-sharded like the policy."""
-    loss = f"{{advantage_scale: {scale}, beta: {beta}}}"
+    KL term the reference model is FSDP-sharded like the policy, and with
+    ``reference_offload`` its shards (one process: its layers) live in CPU memory."""
+    loss = (f"{{advantage_scale: {scale}, beta: {beta}, "
+            f"reference_offload: {str(offload).lower()}}}")
     top = "" if micro is None else f"micro_batch_tokens: {micro}\n"
     one, one_final = _grpo(tmp_path, demo_setup, "one", 1, loss, top)
     two, two_final = _grpo(tmp_path, demo_setup, "two", 2, loss, top)
@@ -152,6 +156,130 @@ def test_two_process_checkpoint_resumes_exactly(tmp_path, demo_setup):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
     b = CausalLM.from_pretrained(resumed_final).state_dict()
     assert all(torch.equal(uninterrupted[k], b[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_sharded_optimizer_checkpoint_resumes_on_another_number_of_ranks(
+        tmp_path, demo_setup, first, then):
+    """The optimizer state is saved with torch.distributed.checkpoint, each rank writing
+    its own shards (no rank gathers the fp32 state); a run saved by ``first`` processes
+    resumes on ``then`` and its losses continue as the uninterrupted run's."""
+    whole, whole_final = _rft(tmp_path, demo_setup, "run", first, extra=", save_every: 2")
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert (saved / "optimizer" / ".metadata").is_file()
+    shards = sorted(p.name for p in (saved / "optimizer").glob("*.distcp"))
+    assert len(shards) == first, shards  # one file per writing rank
+    state = torch.load(saved / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"]["format"] == "dcp"
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > 1
+                   for v in state["optimizer"].values())  # no gathered tensors in it
+    uninterrupted = {k: v.clone() for k, v in
+                     CausalLM.from_pretrained(whole_final).state_dict().items()}
+    resumed, final = _rft(tmp_path, demo_setup, "run", then, extra=", save_every: 2",
+                          resume=True)  # from step 2, on the other number of ranks
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert b["tokens"] == a["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    assert whole[3]["loss"] != whole[1]["loss"]  # the steps after the resume did train
+    b = CausalLM.from_pretrained(final).state_dict()
+    for key in uninterrupted:
+        assert torch.allclose(uninterrupted[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_bf16_under_fsdp_keeps_fp32_shards_and_follows_one_process(tmp_path, demo_setup):
+    """A bf16 run under FSDP2 holds fp32 parameter shards (the optimizer's masters),
+    computes in bf16 and reduces gradients in fp32 (MixedPrecisionPolicy, as torchtitan):
+    its losses follow the 1-process bf16 run (bf16 weights + fp32 masters) within bf16's
+    rounding, it resumes from its sharded checkpoint bit for bit, and it exports bf16."""
+    extra = ", dtype: bfloat16, save_every: 2"
+    one, _ = _rft(tmp_path, demo_setup, "one", 1, extra=extra)
+    two, two_final = _rft(tmp_path, demo_setup, "two", 2, extra=extra)
+    for a, b in zip(one, two):
+        assert b["tokens"] == a["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    assert two[-1]["loss"] < two[0]["loss"]
+    model = CausalLM.from_pretrained(two_final)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed, resumed_final = _rft(tmp_path, demo_setup, "two", 2, extra=extra, resume=True)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in two]  # the fp32 masters came back
+    again = CausalLM.from_pretrained(resumed_final).state_dict()
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+_MIXED_PRECISION_SCRIPT = """
+import torch
+from livethinking.model import CausalLM
+from livethinking.train.distributed import (copy_into_unsharded, end_distributed,
+                                            init_distributed, shard_model)
+from livethinking.train.optim import MasterWeightAdamW
+from livethinking.train.config import OptimConfig
+
+context = init_distributed(torch.device("cpu"))
+torch.manual_seed(0)
+model = CausalLM.from_pretrained(STUDENT, dtype=torch.bfloat16).train()
+copy = CausalLM.from_pretrained(STUDENT, dtype=torch.bfloat16).eval()
+shard_model(model, context, param_dtype=torch.bfloat16)
+params = dict(model.named_parameters())
+assert all(p.dtype == torch.float32 and hasattr(p, "placements") for p in params.values())
+optimizer = MasterWeightAdamW(model.named_parameters(), OptimConfig(lr=1e-2), 4)
+assert all(m is p for m, p in zip(optimizer.master, optimizer.params))  # shards are masters
+seen = {}
+
+def record(module, args, out):
+    seen["dtype"] = (out[0] if isinstance(out, tuple) else out).dtype  # returns None
+
+
+model.model.layers[0].register_forward_hook(record)
+ids = torch.randint(3, 200, (2, 12))
+hidden = model.forward_hidden(ids).hidden_states
+assert seen["dtype"] == torch.bfloat16, seen  # compute in bf16
+model.compute_logits(hidden).float().square().mean().backward()
+grads = [p.grad for p in params.values() if p.grad is not None]
+assert grads and all(g.dtype == torch.float32 for g in grads)  # reduced in fp32
+optimizer.step()
+from livethinking.train.config import RFTConfig, TeacherConfig
+from livethinking.train.memory_plan import plan_memory
+
+plan = plan_memory(RFTConfig(model="m", train_data="t", teacher=TeacherConfig(kind="demo")),
+                   model.config, gpus=2, gpu_memory=2**36).per_rank
+local = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)
+measured = {"parameters": local(params.values()), "gradients": local(grads),
+            "adam_moments": local(t for s in optimizer.optimizer.state.values()
+                                  for t in (s["exp_avg"], s["exp_avg_sq"]))}
+for key, value in measured.items():  # FSDP2 pads uneven shards: within 10%
+    assert abs(plan[key] - value) <= 0.1 * value, (key, plan[key], value)
+assert plan["fp32_masters"] == plan["master_gradients"] == 0
+copy_into_unsharded(model, copy)
+for name, p in copy.named_parameters():
+    assert torch.equal(p, params[name].full_tensor().to(torch.bfloat16)), name
+end_distributed(context)
+print("mixed precision ok", context.rank)
+"""
+
+
+def test_mixed_precision_policy_and_tensor_at_a_time_copy(tmp_path, demo_setup):
+    """``shard_model(param_dtype=bf16)``: fp32 DTensor shards that are the optimizer's
+    masters, bf16 activations, fp32 gradients, each rank's state as the planner counts it
+    (16 bytes per parameter over the ranks); `copy_into_unsharded` leaves the engine's bf16
+    copy equal to the gathered shards, one tensor at a time."""
+    stdout = _torchrun_script(tmp_path / "mixed.py", f"STUDENT = {str(demo_setup[2])!r}\n"
+                              + _MIXED_PRECISION_SCRIPT)
+    assert "mixed precision ok 0" in stdout and "mixed precision ok 1" in stdout
+
+
+def _torchrun_script(path, text: str) -> str:
+    """Run the script ``text`` (saved at ``path``) on 2 processes; its stdout."""
+    path.write_text(text)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def test_run_ends_only_the_process_group_it_created(tmp_path, monkeypatch):
@@ -224,11 +352,5 @@ print("agreed", rank)
 def test_ranks_agree_on_rank_zeros_accepted_set(tmp_path):
     """Under torchrun only rank 0 samples the teacher and judges; every rank trains on its
     accepted set (broadcast), and an error there is raised on every rank, not a hang."""
-    script = tmp_path / "agree.py"
-    script.write_text(_AGREEMENT_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(script)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "agreed 0" in result.stdout and "agreed 1" in result.stdout
+    stdout = _torchrun_script(tmp_path / "agree.py", _AGREEMENT_SCRIPT)
+    assert "agreed 0" in stdout and "agreed 1" in stdout

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from livethinking.model import CausalLM, ModelConfig
-from livethinking.train.config import GRPOConfig, OptimConfig, RFTConfig, TeacherConfig
+from livethinking.train.config import (GRPOConfig, LossConfig, OptimConfig, RFTConfig,
+                                       RolloutConfig, TeacherConfig)
 from livethinking.train.memory_plan import activation_bytes_per_token, plan_memory
 from livethinking.train.optim import MasterWeightAdamW
 
@@ -87,15 +88,48 @@ def test_state_figures_are_the_optimizers_tensors():
 
 
 def test_sharding_divides_the_state_and_adds_the_gathered_layers():
+    """bf16 under FSDP2 (mixed precision): fp32 shards that are the masters, fp32
+    gradients, Adam — 16 bytes per parameter over N, against 2 + 2 + 4 + 8 in one
+    process (+ 4 for the masters' gradients at the step)."""
     config = _config()
     grpo = GRPOConfig(model="m", train_data="t")
     one = plan_memory(grpo, config, gpus=1, gpu_memory=80 * 2**30).per_rank
     eight = plan_memory(grpo, config, gpus=8, gpu_memory=80 * 2**30).per_rank
-    for key in ("parameters", "gradients", "fp32_masters", "adam_moments"):
-        assert eight[key] == one[key] // 8
+    params = one["parameters"] // 2
+    assert one["gradients"] == 2 * params and one["fp32_masters"] == 4 * params
+    for key, per_param in (("parameters", 4), ("gradients", 4), ("adam_moments", 8),
+                           ("fp32_masters", 0), ("master_gradients", 0)):
+        assert eight[key] == per_param * params // 8, key
     assert one["unsharded_layers"] == 0 < eight["unsharded_layers"]
     assert one["rollout_copy"] == 0 < eight["rollout_copy"]  # one process shares the policy
     assert eight["activations"] == one["activations"]
+
+
+def test_reference_offload_and_freed_kv_pool_lower_the_peak():
+    """``loss.reference_offload`` leaves on the device only the parts outside the decoder
+    layers and one layer (two under FSDP2); ``rollout.free_cache_engine`` takes the KV
+    pool out of what is resident while training (the peak is the larger phase)."""
+    import dataclasses
+
+    config = _config(num_hidden_layers=48)  # as 30B-A3B: the layers hold most parameters
+    base = GRPOConfig(model="m", train_data="t", loss=LossConfig(beta=0.04),
+                      rollout=RolloutConfig(free_cache_engine=False))
+    offloaded = dataclasses.replace(base, loss=LossConfig(beta=0.04, reference_offload=True))
+    freed = dataclasses.replace(base, rollout=RolloutConfig(free_cache_engine=True))
+    gb = 80 * 2**30
+    for gpus in (1, 4):
+        a = plan_memory(base, config, gpus=gpus, gpu_memory=gb)
+        b = plan_memory(offloaded, config, gpus=gpus, gpu_memory=gb)
+        assert 0 < b.per_rank["reference_model"] < a.per_rank["reference_model"]
+        assert a.total_per_rank - b.total_per_rank == \
+            a.per_rank["reference_model"] - b.per_rank["reference_model"]
+        c = plan_memory(freed, config, gpus=gpus, gpu_memory=gb)
+        phases = max(c.per_rank["kv_pool"], c.per_rank["activations"]
+                     + c.per_rank["loss_workspace"], c.per_rank["master_gradients"])
+        resident = sum(c.per_rank.values()) - c.per_rank["kv_pool"] - c.per_rank[
+            "activations"] - c.per_rank["loss_workspace"] - c.per_rank["master_gradients"]
+        assert c.total_per_rank == resident + phases < a.total_per_rank
+        assert c.settings["free_cache_engine"] and not a.settings["free_cache_engine"]
 
 
 def _hf_config_folder(tmp_path, **overrides):

@@ -275,3 +275,39 @@ def test_micro_batches_pack_rows_within_the_budget():
     assert micro_batches([], 8) == []
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         GRPOConfig(model="m", train_data="t", micro_batch_tokens=0)
+
+
+def test_offloaded_reference_gives_the_same_logprobs_one_layer_on_the_device_at_a_time(
+        tiny_checkpoint, tmp_path, generator):
+    """``loss.reference_offload`` in one process: the reference's decoder layers stay in
+    CPU memory and each is copied in only for its own forward (checked by storage: between
+    forwards every layer holds its host tensors; during layer i's forward only layer i
+    holds a copy); its log-probs equal the resident reference's bit for bit."""
+    from livethinking.train.offload import offload_layers
+
+    trainer = _trainer(tiny_checkpoint, tmp_path, loss=LossConfig(beta=0.1,
+                                                                  reference_offload=True),
+                       rollout=RolloutConfig(group_size=G))
+    resident = CausalLM.from_pretrained(tiny_checkpoint).eval().requires_grad_(False)
+    offloaded = trainer._reference(trainer.run)
+    layers = list(offloaded.model.layers)
+    host = [[p.data.untyped_storage().data_ptr() for p in layer.parameters()]
+            for layer in layers]
+
+    def on_host(layer):
+        return [p.data.untyped_storage().data_ptr() for p in layer.parameters()] == \
+            host[layers.index(layer)]
+
+    during = []
+    for layer in layers:
+        layer.register_forward_hook(  # runs before offload's own hook drops the copy
+            lambda module, args, out: during.append([on_host(m) for m in layers]),
+            prepend=True)
+    batch = build_batch(_rollouts(generator, resident.config.vocab_size), torch.device("cpu"))
+    expected = completion_logprobs(resident, batch, 1.0)
+    got = completion_logprobs(offloaded, batch, 1.0)
+    assert torch.equal(expected, got)
+    assert during == [[j != i for j in range(len(layers))] for i in range(len(layers))]
+    assert all(on_host(layer) for layer in layers)
+    with pytest.raises(ValueError, match="frozen"):
+        offload_layers(CausalLM.from_pretrained(tiny_checkpoint), torch.device("cpu"))

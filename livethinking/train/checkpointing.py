@@ -1,9 +1,11 @@
 """Training checkpoints: the model in Hugging Face format plus everything needed to resume.
 
 Layout under ``output_dir/checkpoints``: ``step-00000012/`` holding ``model/`` (safetensors,
-config.json, tokenizer files), ``trainer_state.pt`` (optimizer with fp32 masters and the
-lr schedule, RNG states, data position, run statistics; tensors and plain data only, read
-back with ``weights_only=True``) and ``config.yaml``; ``LATEST`` names the newest. A
+config.json, tokenizer files), ``optimizer/`` (fp32 masters, Adam's moments and step counts
+written by ``torch.distributed.checkpoint``: each rank its own FSDP shards, readable by any
+number of ranks), ``trainer_state.pt`` (the lr schedule, RNG states, data position, run
+statistics; tensors and plain data only, read back with ``weights_only=True``) and
+``config.yaml``; ``LATEST`` names the newest. A
 checkpoint is written in a temporary directory, fsynced and swapped into place, then
 ``LATEST`` is replaced atomically, so a crash mid-save (kill -9, power loss) leaves LATEST
 naming a whole checkpoint; `clean_interrupted_saves` clears the temporaries such a crash
@@ -23,8 +25,8 @@ from livethinking.data.atomic import (remove_stale_temporaries, replace_director
                                       temporary_directory_for, write_text_atomic)
 
 __all__ = ["checkpoint_collectively", "clean_interrupted_saves", "latest_checkpoint",
-           "load_trainer_state", "rng_state", "save_final_model", "save_training_checkpoint",
-           "set_rng_state"]
+           "load_trainer_state", "restore_optimizer", "rng_state", "save_final_model",
+           "save_training_checkpoint", "set_rng_state"]
 
 _EARLIER_TEMPORARY = re.compile(r"^\.(tmp-step-\d+-\d+|LATEST-\d+)$")  # before atomic.py
 
@@ -44,21 +46,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _checkpoint_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+
+
 def save_training_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict,
-                             config_yaml: str, *, keep: int = 2, model_state=None) -> Path:
+                             config_yaml: str, *, keep: int = 2, model_state=None,
+                             into: Path | None = None) -> Path:
     """Write checkpoint ``step`` durably and atomically, point LATEST at it, keep the newest
     ``keep`` (<= 0: all). ``model_state``: the full state dict to write instead of the
-    model's own (FSDP2).
+    model's own (FSDP2). ``into``: the checkpoint's temporary directory (from
+    `temporary_directory_for`), already holding parts other ranks wrote (the sharded
+    optimizer); by default a new one.
 
     The checkpoint is written in ``.step-N.tmp-*``, fsynced and swapped into place
     (`replace_directory`: an existing ``step-N`` is replaced, never missing), then LATEST is
     replaced atomically and fsynced. Older steps beyond ``keep`` and any step after ``step``
     (left by an abandoned later run in the same folder) are deleted last, so LATEST always
     names a whole checkpoint."""
-    root = Path(output_dir) / "checkpoints"
-    name = f"step-{step:08d}"
-    final = root / name
-    tmp = temporary_directory_for(final)
+    final = _checkpoint_path(output_dir, step)
+    root, name = final.parent, final.name
+    tmp = into if into is not None else temporary_directory_for(final)
     try:
         if model_state is None:
             model.save_pretrained(tmp / "model", tokenizer=tokenizer)
@@ -122,25 +130,47 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 def checkpoint_collectively(output_dir, step: int, model, tokenizer, optimizer, extra: dict,
-                            config_yaml: str, dist) -> None:
-    """Every rank calls this: the full model and optimizer state are gathered (collectives)
-    and rank 0 writes the checkpoint; a single process simply writes it."""
-    from livethinking.train.distributed import full_state_dict
+                            config_yaml: str, dist, *, dtype: torch.dtype | None = None) -> None:
+    """Every rank calls this. Rank 0 makes the checkpoint's temporary directory; every rank
+    writes its shards of the optimizer state into it (`MasterWeightAdamW.save_sharded`:
+    nobody gathers the fp32 state); the model is gathered to rank 0 (in ``dtype``, the
+    run's, when the parameters are fp32 masters), which writes it with the trainer state
+    and swaps the checkpoint into place. A single process does all of it alone."""
+    from livethinking.train.distributed import barrier, broadcast_from_main, full_state_dict
 
-    model_state = full_state_dict(model, dist) if dist.world_size > 1 else None
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
-    if dist.is_main:
-        save_training_checkpoint(output_dir, step, model, tokenizer, state, config_yaml,
-                                 model_state=model_state)
-    if dist.world_size > 1:
-        from torch.distributed import barrier
+    made = str(temporary_directory_for(_checkpoint_path(output_dir, step))) \
+        if dist.is_main else None
+    tmp = Path(broadcast_from_main(made, dist))
+    try:
+        meta = optimizer.save_sharded(tmp / "optimizer", distributed=dist.world_size > 1)
+        model_state = full_state_dict(model, dist, dtype=dtype) \
+            if dist.world_size > 1 else None
+        state = {"step": step, "optimizer": meta, "rng": rng_state(), **extra}
+        if dist.is_main:
+            save_training_checkpoint(output_dir, step, model, tokenizer, state, config_yaml,
+                                     model_state=model_state, into=tmp)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(dist)
 
-        barrier()
+
+def restore_optimizer(optimizer, checkpoint: Path, saved: dict, dist) -> None:
+    """Load a checkpoint's optimizer state into ``optimizer`` (every rank calls it):
+    the sharded form (``optimizer/``, resharded to this run's ranks), or the gathered dict
+    that checkpoints written before it hold in ``trainer_state.pt``."""
+    if saved.get("format") == "dcp":
+        optimizer.load_sharded(checkpoint / "optimizer", saved,
+                               distributed=dist.world_size > 1)
+    else:
+        optimizer.load_state_dict(saved)
 
 
-def save_final_model(path, model, tokenizer, dist) -> Path:
+def save_final_model(path, model, tokenizer, dist, *, dtype: torch.dtype | None = None
+                     ) -> Path:
     """Every rank calls this: the final model in Hugging Face format (gathered from FSDP2
-    shards to rank 0 when sharded)."""
+    shards to rank 0 when sharded, in ``dtype`` when given)."""
     path = Path(path)
     if dist.world_size == 1:
         return model.save_pretrained(path, tokenizer=tokenizer)
@@ -149,7 +179,7 @@ def save_final_model(path, model, tokenizer, dist) -> Path:
     from livethinking.model.checkpoint import save_checkpoint
     from livethinking.train.distributed import full_state_dict
 
-    state = full_state_dict(model, dist)  # a collective: every rank takes part
+    state = full_state_dict(model, dist, dtype=dtype)  # a collective: every rank takes part
     if dist.is_main:
         save_checkpoint(state, model.config.to_dict(), path, tokenizer=tokenizer)
     barrier()

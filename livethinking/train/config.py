@@ -201,6 +201,11 @@ class RolloutConfig:
     # the prompt length the in-process engine's KV pool is sized for on CUDA (with
     # max_tokens, for one rollout batch of a rank; longer prompts just run fewer at once)
     prompt_tokens: int = 1024
+    # the in-process engine frees its KV pool (and CUDA graphs) while the policy trains and
+    # takes it back for the next rollouts, sized then (after the optimizer's state exists):
+    # at most one rollout batch, within gpu_memory_utilization of the GPU (vLLM's sleep mode)
+    free_cache_engine: bool = True
+    gpu_memory_utilization: float = 0.85
     deterministic: bool = False  # the engine's trainer-consistent mode
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
@@ -224,6 +229,9 @@ class RolloutConfig:
                              "engine shares the policy's weights)")
         if self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
         if not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be in [0, 65535], got {self.master_port}")
 
@@ -242,6 +250,10 @@ class LossConfig:
     experts; ``rollout`` (R3) replays the experts the inference engine chose when it
     sampled (the in-process engine, or ``livethinking`` / ``sglang`` servers started with
     ``--enable-return-routed-experts``); ``none``: each forward routes afresh.
+
+    ``reference_offload`` (β > 0): the reference model lives in CPU memory and visits the
+    device one decoder layer at a time (one process: `offload_layers`; under torchrun its
+    FSDP2 shards with ``CPUOffloadPolicy``); the log-probs are the same, slower.
     """
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
@@ -253,6 +265,7 @@ class LossConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     advantage_scale: Literal["group", "batch", "none"] = "group"
     routing_replay: Literal["none", "old", "rollout"] = "none"
+    reference_offload: bool = False
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.epsilon_low < 0:

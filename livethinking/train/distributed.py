@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["DistributedContext", "all_gather_rows", "all_reduce_max", "all_reduce_min",
            "all_reduce_sum", "barrier", "broadcast_from_main", "end_distributed",
-           "full_state_dict", "init_distributed", "shard_model"]
+           "copy_into_unsharded", "full_state_dict", "init_distributed", "shard_model"]
 
 
 @dataclass(slots=True)
@@ -74,12 +74,38 @@ def end_distributed(context: DistributedContext) -> None:
     atexit.register(gc.collect)
 
 
-def shard_model(model, context: DistributedContext) -> None:
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+def shard_model(model, context: DistributedContext, *,
+                param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> None:
+    """Shard each decoder layer, then the rest, over the mesh (FSDP2 ``fully_shard``).
+
+    ``param_dtype`` (bf16 or fp16; as torchtitan does): the sharded parameters become fp32
+    — they are the optimizer's masters, so no separate master copy exists — and
+    ``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`` gathers them in
+    ``param_dtype`` for compute and reduce-scatters gradients in fp32. Each layer is cast
+    just before it is sharded, so at most one layer is ever held whole in fp32.
+    ``cpu_offload``: the shards live in CPU memory (``CPUOffloadPolicy``, pinned on CUDA)
+    and are copied to the device for each layer's forward (the frozen reference model)."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    policy, offload = {}, {}
+    if param_dtype is not None and param_dtype != torch.float32:
+        policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                    reduce_dtype=torch.float32)}
+    if cpu_offload:
+        offload = {"offload_policy": CPUOffloadPolicy(
+            pin_memory=context.mesh.device_type == "cuda")}
+
+    def to_fp32(module) -> None:
+        for param in module.parameters():
+            if policy and not hasattr(param, "placements") and param.is_floating_point():
+                param.data = param.data.float()
 
     for layer in model.model.layers:
-        fully_shard(layer, mesh=context.mesh)
-    fully_shard(model, mesh=context.mesh)
+        to_fp32(layer)
+        fully_shard(layer, mesh=context.mesh, **policy, **offload)
+    to_fp32(model)  # what is left: embeddings, final norm, lm_head
+    fully_shard(model, mesh=context.mesh, **policy, **offload)
     register_fsdp_forward_method(model, "forward_hidden")
 
 
@@ -137,13 +163,30 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def full_state_dict(model, context: DistributedContext, *, all_ranks: bool = False
-                    ) -> dict[str, torch.Tensor]:
+def full_state_dict(model, context: DistributedContext, *, all_ranks: bool = False,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The unsharded state dict (a collective: every rank must call it): on rank 0 only, on
-    the CPU, by default; on every rank, on the device, with ``all_ranks``."""
+    the CPU, by default; on every rank, on the device, with ``all_ranks``. ``dtype``:
+    floating tensors cast to it (fp32 masters exported in the run's dtype)."""
     if context.world_size == 1:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = model.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
 
-    return get_model_state_dict(model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=not all_ranks))
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=not all_ranks))
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+@torch.no_grad()
+def copy_into_unsharded(sharded, copy) -> None:
+    """Copy the parameters of an FSDP2-sharded model into an unsharded copy of the same
+    architecture (every rank calls this: a collective per tensor, in the same order), one
+    tensor at a time: each is all-gathered, copied (cast to the copy's dtype) and dropped,
+    so the memory beyond the copy is one parameter, never a full state dict."""
+    targets = dict(copy.named_parameters())
+    for name, param in sharded.named_parameters():
+        targets[name].copy_(param.full_tensor() if hasattr(param, "full_tensor") else param)

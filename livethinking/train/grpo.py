@@ -31,7 +31,8 @@ from livethinking.train.common import load_policy, make_judges, prompt_ids
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
-                                            all_reduce_sum, full_state_dict, shard_model)
+                                            all_reduce_sum, copy_into_unsharded,
+                                            full_state_dict, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs, micro_batches,
                                           micro_loss_scale, policy_loss_backward,
                                           rollout_routes, trim)
@@ -149,10 +150,7 @@ class GRPOTrainer:
             self.rollout_model, _ = load_policy(run.policy_path, run.device, run.dtype)
             self.rollout_model.eval().requires_grad_(False)  # refreshed after every step
         if config.loss.beta > 0:
-            self.reference, _ = load_policy(config.model, run.device, run.dtype)
-            self.reference.eval().requires_grad_(False)
-            if dist.world_size > 1:  # sharded like the policy, not a full copy per rank
-                shard_model(self.reference, dist)
+            self.reference = self._reference(run)
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
         sizing = {}
         if run.device.type == "cuda":  # the pool one rollout batch needs, not 85% of the GPU
@@ -173,6 +171,22 @@ class GRPOTrainer:
         if config.rollout.source == "servers":
             self.pool, self.pusher = _server_rollouts(config, dist.rank)
         return config.steps, config.steps * config.updates_per_batch
+
+    def _reference(self, run: TrainingRun):
+        """The frozen reference model: sharded like the policy under torchrun (not a full
+        copy per rank); with ``loss.reference_offload`` in CPU memory, on the device a
+        layer at a time (loaded on the CPU, so it never sits whole on the device)."""
+        from livethinking.train.offload import offload_layers
+
+        offload, dist = self.config.loss.reference_offload, run.dist
+        reference, _ = load_policy(self.config.model,
+                                   torch.device("cpu") if offload else run.device, run.dtype)
+        reference.eval().requires_grad_(False)
+        if dist.world_size > 1:
+            shard_model(reference, dist, cpu_offload=offload)
+        elif offload:
+            offload_layers(reference, run.device)
+        return reference
 
     def start(self, state: dict | None) -> None:
         if state is not None:
@@ -224,10 +238,8 @@ class GRPOTrainer:
             tokens = float(sum(len(r.completion_ids) for r in flat))
             stats["tokens_per_s"] = tokens / (time.perf_counter() - began)
         dist = self.run.dist
-        if dist.world_size > 1:  # the engine's copy follows the updated policy
-            with torch.no_grad():
-                self.rollout_model.load_state_dict(
-                    full_state_dict(self.run.model, dist, all_ranks=True))
+        if dist.world_size > 1:  # the engine's copy follows the policy, a tensor at a time
+            copy_into_unsharded(self.run.model, self.rollout_model)
             keys = sorted(stats)
             stats = dict(zip(keys, (v / dist.world_size
                                     for v in all_reduce_sum([stats[k] for k in keys], dist))))
@@ -252,7 +264,8 @@ class GRPOTrainer:
         from livethinking.model.checkpoint import save_checkpoint
 
         run, dist = self.run, self.run.dist
-        state = full_state_dict(run.model, dist) if dist.world_size > 1 else None
+        state = full_state_dict(run.model, dist, dtype=run.dtype) if dist.world_size > 1 \
+            else None
         stats = {"push_s": 0.0, "push_gb": 0.0, "push_gb_per_s": 0.0, "push_servers": 0.0}
         if dist.rank == 0:
             model_config = run.model.config

@@ -20,7 +20,8 @@ import torch
 
 from livethinking.data import load_records
 from livethinking.train.checkpointing import (checkpoint_collectively, load_trainer_state,
-                                              save_final_model, set_rng_state)
+                                              restore_optimizer, save_final_model,
+                                              set_rng_state)
 from livethinking.train.common import load_policy, start_run
 from livethinking.train.config import JudgeConfig
 from livethinking.train.config_io import config_to_dict
@@ -86,16 +87,16 @@ def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Pa
     # top-level activation_checkpointing (run.gradient_checkpointing: its older spelling)
     model.gradient_checkpointing = bool(getattr(config, "activation_checkpointing", False)
                                         or settings.gradient_checkpointing)
-    if dist.world_size > 1:
-        shard_model(model, dist)
+    if dist.world_size > 1:  # a bf16 run keeps fp32 shards, computes in bf16 (FSDP2 MP)
+        shard_model(model, dist, param_dtype=start_at.dtype)
     run = TrainingRun(start_at.out, start_at.device, start_at.dtype, dist, start_at.policy_path,
                       checkpoint, model, tokenizer, log)
     total, optimizer_steps = algorithm.prepare(run)
-    run.optimizer = MasterWeightAdamW(model.parameters(), config.optim, optimizer_steps)
+    run.optimizer = MasterWeightAdamW(model.named_parameters(), config.optim, optimizer_steps)
     start = 0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        run.optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(run.optimizer, checkpoint, state["optimizer"], dist)
         set_rng_state(state["rng"])
         start = int(state["step"])
         log(f"{algorithm.name}: resumed from {checkpoint} at step {start}")
@@ -139,13 +140,14 @@ def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Pa
             if settings.save_every and (step + 1) % settings.save_every == 0 \
                     and step + 1 < total:
                 checkpoint_collectively(run.out, step + 1, model, tokenizer, run.optimizer,
-                                        algorithm.checkpoint_state(), config_json, dist)
+                                        algorithm.checkpoint_state(), config_json, dist,
+                                        dtype=start_at.dtype)
     finally:
         if hasattr(algorithm, "finish"):
             algorithm.finish()
     if progress is not None:
         progress.close()
-    final = save_final_model(run.out / "final", model, tokenizer, dist)
+    final = save_final_model(run.out / "final", model, tokenizer, dist, dtype=start_at.dtype)
     end_distributed(dist)  # the last collective is done
     if logger is None:
         return final

@@ -5,11 +5,14 @@ and the cheapest change that makes it fit.
 Components (bytes per rank; P parameters, N ranks sharded by FSDP2 when N > 1, b the
 training dtype's bytes: 2 on GPU (bf16), 4 on CPU):
 
-- ``parameters`` b·P/N, plus ``unsharded_layers`` 2·b·(largest decoder layer) when N > 1
-  (FSDP2 all-gathers one layer and prefetches the next);
-- ``gradients`` b·P/N; ``fp32_masters`` 4·P/N (none when b = 4: the parameters are the
-  masters); ``master_gradients`` 4·P/N at the optimizer step (``p.grad.float()``, bf16
-  only); ``adam_moments`` 8·P/N;
+- one process: ``parameters`` b·P, ``gradients`` b·P, ``fp32_masters`` 4·P (none when
+  b = 4: the parameters are the masters), ``master_gradients`` 4·P at the optimizer step
+  (``p.grad.float()``, bf16 only), ``adam_moments`` 8·P;
+- N > 1 (FSDP2; bf16 as torchtitan, ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``): ``parameters`` 4·P/N (fp32 shards, which are the masters: no
+  separate copy), ``gradients`` 4·P/N (reduce-scattered in fp32), ``adam_moments`` 8·P/N
+  — 16 bytes per parameter over N — plus ``unsharded_layers`` 2·b·(largest decoder
+  layer) (FSDP2 all-gathers one layer in bf16 and prefetches the next);
 - ``activations``: what autograd keeps for backward over one microbatch of T tokens
   (GRPO: ``micro_batch_tokens``; RFT: one packed row of ``row_tokens``). Per token and
   decoder layer, from this code's saved tensors (bf16; exact on the CPU path, where it
@@ -29,11 +32,15 @@ training dtype's bytes: 2 on GPU (bf16), 4 on CPU):
   the trainer sizes its engine's pool to exactly that); ``rollout_copy`` b·P when N > 1
   (each rank's engine holds a full unsharded copy of the policy; none with one process:
   it shares the policy's tensors);
-- ``reference_model`` b·P/N when ``loss.beta > 0`` (FSDP-sharded like the policy).
+- ``reference_model`` b·P/N when ``loss.beta > 0`` (FSDP-sharded like the policy); with
+  ``loss.reference_offload`` only what visits the device: b·(the parts outside the
+  decoder layers + one layer) in one process, + a prefetched layer under FSDP2.
 
-Peak = parameters + unsharded layers + gradients + masters + Adam + resident extras (KV
-pool, rollout copy, reference) + max(activations + loss workspace, master gradients):
-the backward and the optimizer step do not overlap. It fits when the peak is at most
+Peak = parameters + unsharded layers + gradients + masters + Adam + resident extras
+(rollout copy, reference) + the largest of the phases: backward (activations + loss
+workspace), the optimizer step (master gradients) and, when the engine frees its KV pool
+while training (``rollout.free_cache_engine``), rollouts (the KV pool); otherwise the KV
+pool is resident too. It fits when the peak is at most
 ``USABLE_FRACTION`` (0.92: CUDA context, NCCL buffers and allocator fragmentation take
 the rest) of the GPU's memory.
 """
@@ -119,15 +126,17 @@ def activation_bytes_per_token(model_config, *, checkpointing: bool,
     return scale * kept, scale * (moe_layer if moe else dense_layer)
 
 
-def _parameter_counts(model_config) -> tuple[int, int, int]:
-    """(all parameters, the largest decoder layer's, the embedding's), counted on meta."""
+def _parameter_counts(model_config) -> tuple[int, int, int, int]:
+    """(all parameters, the largest decoder layer's, the embedding's, those outside the
+    decoder layers), counted on meta."""
     from livethinking.model import CausalLM
 
     with torch.device("meta"):
         model = CausalLM(model_config)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
-    return total, layer, model.model.embed_tokens.weight.numel()
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    return total, max(per_layer), model.model.embed_tokens.weight.numel(), \
+        total - sum(per_layer)
 
 
 def plan_memory(config, model_config, *, gpus: int, gpu_memory: int,
@@ -151,22 +160,24 @@ def plan_memory(config, model_config, *, gpus: int, gpu_memory: int,
 def _plan(config, model_config, counts, *, gpus, gpu_memory, layout, dtype_bytes
           ) -> MemoryPlan:
     grpo = hasattr(config, "rollout")
-    total, layer, _ = counts
+    total, layer, _, outside = counts
     n, b = gpus, dtype_bytes
+    mixed = n > 1 and b != 4  # FSDP2 mixed precision: the fp32 shards are the masters
+    state_bytes = 4 if mixed else b
     ckpt = bool(getattr(config, "activation_checkpointing", False)
                 or config.run.gradient_checkpointing)
     tokens = config.micro_batch_tokens if grpo else config.row_tokens
     kept, recomputed = activation_bytes_per_token(model_config, checkpointing=ckpt,
                                                   dtype_bytes=b)
     per_rank = {
-        "parameters": b * total // n,
+        "parameters": state_bytes * total // n,
         "unsharded_layers": 2 * b * layer if n > 1 else 0,
-        "gradients": b * total // n,
-        "fp32_masters": 4 * total // n if b != 4 else 0,
+        "gradients": state_bytes * total // n,
+        "fp32_masters": 4 * total // n if state_bytes != 4 else 0,
         "adam_moments": 8 * total // n,
         "activations": int(tokens * (kept + recomputed)),
         "loss_workspace": tokens * model_config.hidden_size * b + CHUNK_BUFFERS,
-        "master_gradients": 4 * total // n if b != 4 else 0,
+        "master_gradients": 4 * total // n if state_bytes != 4 else 0,
     }
     if grpo:
         rollout = config.rollout
@@ -175,23 +186,35 @@ def _plan(config, model_config, counts, *, gpus, gpu_memory, layout, dtype_bytes
             * model_config.head_dim * b
         per_rank["kv_pool"] = rollout_kv_tokens(config, n) * kv_per_token if colocated else 0
         per_rank["rollout_copy"] = b * total if colocated and n > 1 else 0
-        per_rank["reference_model"] = b * total // n if config.loss.beta > 0 else 0
-    peak = _peak(per_rank)
+        reference = 0
+        if config.loss.beta > 0:
+            reference = b * (outside + layer * (2 if n > 1 else 1)) \
+                if config.loss.reference_offload else b * total // n
+        per_rank["reference_model"] = reference
+    free_kv = grpo and colocated and config.rollout.free_cache_engine
+    peak = _peak(per_rank, free_kv=free_kv)
     usable = int(USABLE_FRACTION * gpu_memory)
     settings = {"algorithm": "grpo" if grpo else "rft", "gpus": n, "layout": layout,
                 "parameters": total, "micro_batch_tokens": tokens,
-                "activation_checkpointing": ckpt, "dtype_bytes": b}
+                "activation_checkpointing": ckpt, "dtype_bytes": b,
+                "mixed_precision": mixed}
+    if grpo:
+        settings |= {"reference_offload": config.loss.reference_offload,
+                     "free_cache_engine": colocated and rollout.free_cache_engine}
     fits = peak <= usable
     return MemoryPlan(per_rank, peak, gpu_memory, usable, fits,
                       "none needed" if fits else "", settings)
 
 
-def _peak(per_rank: dict[str, int]) -> int:
-    step_only = per_rank["master_gradients"]
-    backward_only = per_rank["activations"] + per_rank["loss_workspace"]
+def _peak(per_rank: dict[str, int], *, free_kv: bool) -> int:
+    phases = {"step": per_rank["master_gradients"],
+              "backward": per_rank["activations"] + per_rank["loss_workspace"]}
+    if free_kv:
+        phases["rollout"] = per_rank.get("kv_pool", 0)
     resident = sum(v for k, v in per_rank.items()
-                   if k not in ("master_gradients", "activations", "loss_workspace"))
-    return resident + max(step_only, backward_only)
+                   if k not in ("master_gradients", "activations", "loss_workspace")
+                   and not (free_kv and k == "kv_pool"))
+    return resident + max(phases.values())
 
 
 def _suggest(config, model_config, counts, *, gpus, gpu_memory, layout, dtype_bytes) -> str:
@@ -224,6 +247,19 @@ def _suggest(config, model_config, counts, *, gpus, gpu_memory, layout, dtype_by
             candidates.append(("roll out on separate GPUs (rollout.source: servers, README "
                                "'Scale out'): no KV pool or rollout copy here",
                                lambda st: st | {"layout": "disaggregated"}))
+        if layout == "colocated" and config.rollout.source == "engine" \
+                and not config.rollout.free_cache_engine:
+            candidates.append(("set rollout.free_cache_engine: true (the KV pool is freed "
+                               "while training)",
+                               lambda st: st | {"config": dataclasses.replace(
+                                   st["config"], rollout=dataclasses.replace(
+                                       st["config"].rollout, free_cache_engine=True))}))
+        if config.loss.beta > 0 and not config.loss.reference_offload:
+            candidates.append(("set loss.reference_offload: true (the reference model in "
+                               "CPU memory)",
+                               lambda st: st | {"config": dataclasses.replace(
+                                   st["config"], loss=dataclasses.replace(
+                                       st["config"].loss, reference_offload=True))}))
         if config.loss.beta > 0:
             candidates.append(("set loss.beta: 0 (no reference model per rank)",
                                lambda st: st | {"config": dataclasses.replace(
