@@ -410,3 +410,33 @@ def test_prompt_stream_is_a_seeded_permutation_per_epoch_and_resumes():
         assert sorted(i for i, _ in whole[7 * epoch:7 * epoch + 7]) == list(range(7))
     assert [i for i, _ in whole[:7]] != [i for i, _ in whole[7:14]]  # a new order each epoch
     assert [c for _, c in whole] == list(range(20))
+
+
+def test_grpo_engine_sleeps_while_training_with_the_same_run(tmp_path, demo_setup, rft_model,
+                                                             monkeypatch):
+    """``rollout.free_cache_engine`` (the default): the engine's KV pool is released during
+    every update and taken back for the rollouts; the run's metrics equal a run whose
+    engine keeps its pool."""
+    from livethinking.train import grpo as grpo_module
+
+    asleep = []
+    update = grpo_module.GRPOTrainer.update
+
+    def watched(self, *args, **kwargs):
+        asleep.append(self.llm.is_sleeping)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module.GRPOTrainer, "update", watched)
+    rows = {}
+    for free in (True, False):
+        config = _grpo_config(tmp_path / str(free), rft_model, demo_setup,
+                              rollout=RolloutConfig(group_size=4, max_tokens=24,
+                                                    free_cache_engine=free))
+        run_grpo(config, log=lambda *_: None)
+        rows[free] = [json.loads(x) for x in
+                      (tmp_path / str(free) / "metrics.jsonl").read_text().splitlines()]
+    assert asleep == [True, True, False, False]
+    drop = ("_s", "_per_s")  # timings differ
+    for a, b in zip(rows[True], rows[False]):
+        assert {k: v for k, v in a.items() if not k.endswith(drop)} == \
+            {k: v for k, v in b.items() if not k.endswith(drop)}

@@ -54,6 +54,18 @@ class LLM:
         self.tokenizer = tokenizer
         self._ids = itertools.count()
 
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
+    def sleep(self) -> int:
+        """Release the KV pool and CUDA graphs, keep the weights (`LLMEngine.sleep`)."""
+        return self.engine.sleep()
+
+    def wake_up(self, num_kv_blocks: int | None = None) -> None:
+        """Allocate the KV pool again (`LLMEngine.wake_up`)."""
+        self.engine.wake_up(num_kv_blocks)
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (text or token ids); outputs in prompt order.

@@ -78,6 +78,7 @@ class LLMEngine:
         """Queue a request. ValueError/TypeError for a bad prompt, params or id (the rules
         of :meth:`validate_request`); EngineFullError when ``max_waiting`` sequences
         already wait. Nothing is queued when it raises."""
+        self._check_awake()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.validate_request(prompt, params)
@@ -161,6 +162,42 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # ------------------------------------------------------------------ sleep mode
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.cache is None
+
+    def sleep(self) -> int:
+        """Release the KV pool, the routes buffer and the CUDA graphs (vLLM's sleep level 1
+        without the weight offload: the weights stay, shared with a trainer); the prefix
+        cache goes with the pool. Returns the bytes released (0 when already asleep).
+        RuntimeError while requests are unfinished."""
+        if self.is_sleeping:
+            return 0
+        if self.requests:
+            raise RuntimeError(f"cannot sleep with {len(self.requests)} unfinished requests "
+                               f"({sorted(self.requests)[:5]}): finish or abort them first")
+        return self.runner.release()
+
+    def wake_up(self, num_kv_blocks: int | None = None) -> None:
+        """Allocate the KV pool again: ``num_kv_blocks`` blocks (default: as many as before
+        sleeping; ValueError when they cannot hold one max_model_len sequence), with an
+        empty prefix cache; CUDA graphs are captured again unless ``enforce_eager``."""
+        if not self.is_sleeping:
+            return
+        self.runner.allocate(num_kv_blocks or self.blocks.num_blocks)
+        old = self.blocks
+        self.blocks = BlockManager(self.runner.cache.num_blocks, self.config.block_size,
+                                   enable_prefix_caching=self.config.enable_prefix_caching)
+        self.blocks.queried_tokens, self.blocks.hit_tokens = old.queried_tokens, old.hit_tokens
+        self.scheduler.blocks = self.blocks
+        self.runner.capture_cuda_graphs()
+
+    def _check_awake(self) -> None:
+        if self.is_sleeping:
+            raise RuntimeError("the engine is asleep (its KV pool is released): call "
+                               "wake_up() first")
+
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes (called automatically when the weights change)."""
         self.blocks.reset_prefix_cache()
@@ -179,6 +216,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward over a scheduled batch; outputs of the requests that advanced."""
+        self._check_awake()
         version = self._weight_version()
         if version != self._weights_version:
             self._weights_version = version

@@ -53,25 +53,56 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         per_block = PagedKVCache.bytes_per_block(mc.num_hidden_layers, self.block_size,
                                                  mc.num_key_value_heads, mc.head_dim, self.dtype)
-        num_blocks = config.num_kv_blocks or self._auto_num_blocks(per_block)
-        if num_blocks < self.max_blocks_per_seq:  # else a long sequence could never run
-            raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one sequence of "
-                             f"max_model_len={max_model_len} ({self.max_blocks_per_seq} blocks "
-                             f"of {self.block_size}); raise it or lower max_model_len")
-        self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
-                                  mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
-                                  device=self.device, decode_kernel=config.paged_decode_kernel)
-        # the experts each MoE layer chose for the token in each KV slot (+ the trash slot)
-        moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
-        self.routes = None
-        if config.enable_return_routed_experts and moe_layers:
-            self.routes = torch.zeros(self.cache.trash_slot + 1, moe_layers,
-                                      mc.num_experts_per_tok, dtype=torch.int16,
-                                      device=self.device)
+        self.per_block = per_block
+        self.cache: PagedKVCache | None = None
+        self.routes: torch.Tensor | None = None
+        self.allocate(config.num_kv_blocks or self._auto_num_blocks(per_block))
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_blocks = 0
         self.static: dict[str, torch.Tensor] = {}
+
+    def allocate(self, num_blocks: int) -> None:
+        """The paged KV pool of ``num_blocks`` blocks (zeros) and, when routes are recorded,
+        the experts each MoE layer chose for the token in each slot (+ the trash slot)."""
+        mc, config = self.model.config, self.config
+        if num_blocks < self.max_blocks_per_seq:  # else a long sequence could never run
+            raise ValueError(f"num_kv_blocks={num_blocks} cannot hold one sequence of "
+                             f"max_model_len={self.max_blocks_per_seq * self.block_size} "
+                             f"({self.max_blocks_per_seq} blocks of {self.block_size}); raise "
+                             f"it or lower max_model_len")
+        self.cache = PagedKVCache(mc.num_hidden_layers, num_blocks, self.block_size,
+                                  mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
+                                  device=self.device, decode_kernel=config.paged_decode_kernel)
+        moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
+        if config.enable_return_routed_experts and moe_layers:
+            self.routes = torch.zeros(self.cache.trash_slot + 1, moe_layers,
+                                      mc.num_experts_per_tok, dtype=torch.int16,
+                                      device=self.device)
+
+    def release(self) -> int:
+        """Drop the KV pool, the routes buffer and the CUDA graphs (with their static
+        buffers and memory pool); returns the bytes of the pool and routes released."""
+        freed = sum(t.numel() * t.element_size() for t in
+                    (self.cache.k, self.cache.v, self.routes) if t is not None)
+        self.cache, self.routes = None, None
+        self.graphs, self.static, self.graph_blocks = {}, {}, 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    def budget_blocks(self, gpu_memory_utilization: float) -> int:
+        """Blocks the pool may take now: on CUDA ``gpu_memory_utilization`` of the GPU less
+        what is allocated (the weights, a trainer's state) and a profiled forward's
+        activations (`_cuda_kv_budget`); elsewhere ``cpu_kv_cache_bytes``."""
+        if self.device.type != "cuda":
+            return self.config.cpu_kv_cache_bytes // self.per_block
+        saved = self.config.gpu_memory_utilization
+        self.config.gpu_memory_utilization = gpu_memory_utilization
+        try:
+            return max(0, self._cuda_kv_budget()) // self.per_block
+        finally:
+            self.config.gpu_memory_utilization = saved
 
     def _auto_num_blocks(self, per_block: int) -> int:
         cfg = self.config

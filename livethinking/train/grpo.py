@@ -126,6 +126,7 @@ class GRPOTrainer:
         self.reference = None  # frozen model for the KL term (β > 0)
         self.rollout_model = None  # under torchrun: a full copy for the engine
         self.llm = None
+        self.min_blocks = self.rollout_blocks = 0  # the engine's KV pool sizes (blocks)
         self.records: list = []
         self.stream: PromptStream | None = None
         self.l_ref: float | None = config.reward.l_ref
@@ -152,21 +153,25 @@ class GRPOTrainer:
         if config.loss.beta > 0:
             self.reference = self._reference(run)
         self.records = load_records(config.train_data, on_error=config.on_bad_record).items
-        sizing = {}
+        sizing, block = {}, 16
+        max_len = min(run.model.config.max_position_embeddings, 8192)
+        self.min_blocks = -(-max_len // block)
         if run.device.type == "cuda":  # the pool one rollout batch needs, not 85% of the GPU
             from livethinking.train.memory_plan import rollout_kv_tokens
 
-            block = 16
-            max_len = min(run.model.config.max_position_embeddings, 8192)
-            sizing = {"num_kv_blocks": max(-(-rollout_kv_tokens(config, dist.world_size)
-                                              // block), -(-max_len // block)),
-                      "block_size": block}
+            self.rollout_blocks = max(-(-rollout_kv_tokens(config, dist.world_size) // block),
+                                      self.min_blocks)
+            # freed while training: allocated small now, sized at the first rollouts
+            sizing = {"num_kv_blocks": self.min_blocks if config.rollout.free_cache_engine
+                      else self.rollout_blocks, "block_size": block}
         self.llm = LLM(self.rollout_model, run.tokenizer, **sizing,
                        deterministic=config.rollout.deterministic,
                        enable_return_routed_experts=config.loss.routing_replay == "rollout"
                        and run.model.config.num_experts > 0,
                        max_num_seqs=max(64, config.prompts_per_step * config.rollout.group_size),
                        max_model_len=min(run.model.config.max_position_embeddings, 8192))
+        if config.rollout.free_cache_engine:
+            self.llm.sleep()
         self.stream = PromptStream(len(self.records), config.run.seed)
         if config.rollout.source == "servers":
             self.pool, self.pusher = _server_rollouts(config, dist.rank)
@@ -205,10 +210,30 @@ class GRPOTrainer:
                 lambda: self.rollouts(self.stream.take(take)[dist.rank::dist.world_size]),
                 max_ahead=self.config.rollout.max_staleness)
         if self.l_ref is None and self.config.reward.w_length:
+            self.wake_engine()
             self.l_ref = measure_l_ref(self.config, self.llm, self.run.tokenizer, self.records)
+            self.sleep_engine()
             self.run.log(f"grpo: L_ref = {self.l_ref:.1f} tokens (the starting model's mean "
                          f"response length)")
         self.reward_fn = _reward_fn(self.config, self.l_ref or 1.0)
+
+    def wake_engine(self) -> None:
+        """Take the engine's KV pool back for rollouts (``rollout.free_cache_engine``),
+        sized now that the optimizer's state exists: on CUDA one rollout batch, within
+        ``rollout.gpu_memory_utilization`` of the GPU; elsewhere the size it had."""
+        if not self.llm.is_sleeping:
+            return
+        blocks = None
+        if self.run.device.type == "cuda":
+            budget = self.llm.engine.runner.budget_blocks(
+                self.config.rollout.gpu_memory_utilization)
+            blocks = max(self.min_blocks, min(self.rollout_blocks, budget))
+        self.llm.wake_up(blocks)
+
+    def sleep_engine(self) -> None:
+        """Release the engine's KV pool and CUDA graphs while the policy trains."""
+        if self.config.rollout.free_cache_engine:
+            self.llm.sleep()
 
     def checkpoint_state(self) -> dict:
         return {"cursor": self.stream.cursor, "l_ref": self.l_ref,
@@ -221,7 +246,10 @@ class GRPOTrainer:
     def step(self, step: int) -> dict[str, float]:
         """One rollout batch and its updates; the stats are averaged over ranks."""
         began = time.perf_counter()
+        if self.config.rollout.source == "engine":
+            self.wake_engine()
         groups, scores, stats = self.collect()
+        self.sleep_engine()
         self.update_stats = []
         if not groups:  # every group was uninformative: nothing to learn from this step
             stats |= {"reward/total": 0.0, "response_tokens": 0.0, "skipped": 1.0}
