@@ -102,17 +102,41 @@ def _plan(args: argparse.Namespace) -> int:
 def _data_make_demo(args: argparse.Namespace) -> int:
     from livethinking.tasks.livestream import make_demo
 
+    if args.task == "relevance":
+        return _data_make_relevance(args)
     try:
         paths = make_demo(args.out, num_products=args.products,
                           questions_per_product=args.questions_per_product,
                           heldout_fraction=args.heldout_fraction,
-                          listing_products=args.listing_products, seed=args.seed)
+                          listing_products=args.listing_products,
+                          rl_products=args.rl_products, seed=args.seed)
     except ValueError as e:
         print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {paths.num_train} train and {paths.num_heldout} held-out records to "
-          f"{paths.out_dir} (catalogue.json, train.jsonl, heldout.jsonl, corpus.txt, "
-          f"pretrain.jsonl)")
+    print(f"wrote {paths.num_train} train, {paths.num_heldout} held-out and {paths.num_rl} RL "
+          f"records to {paths.out_dir} (catalogue.json, train.jsonl, heldout.jsonl, rl.jsonl, "
+          f"corpus.txt, pretrain.jsonl)")
+    return 0
+
+
+def _data_make_relevance(args: argparse.Namespace) -> int:
+    from livethinking.tasks.relevance import make_relevance_demo
+
+    if args.listing_products or args.rl_products:
+        print("livethinking data make-demo: error: --listing-products and --rl-products are "
+              "livestream options (--task livestream)", file=sys.stderr)
+        return 2
+    try:
+        paths = make_relevance_demo(args.out, num_products=args.products,
+                                    queries_per_product=args.questions_per_product,
+                                    heldout_fraction=args.heldout_fraction,
+                                    dev_fraction=args.dev_fraction, seed=args.seed)
+    except ValueError as e:
+        print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths.num_train} train, {paths.num_dev} dev and {paths.num_heldout} held-out "
+          f"relevance records to {paths.out_dir} (catalogue.json, train.jsonl, dev.jsonl, "
+          f"heldout.jsonl, corpus.txt)")
     return 0
 
 
@@ -120,6 +144,12 @@ def _demo(args: argparse.Namespace) -> int:
     from livethinking.train import DemoSize, run_demo
 
     try:
+        if args.task == "relevance":
+            from livethinking.train.relevance_demo import RelevanceDemoSize, run_relevance_demo
+
+            run_relevance_demo(args.out, size=RelevanceDemoSize.preset(args.size),
+                               seed=args.seed, threads=args.threads, quiet=args.quiet)
+            return 0
         run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed,
                  threads=args.threads, quiet=args.quiet,
                  teacher_active_params=args.teacher_active_params)
@@ -213,8 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_arguments(sub)
         sub.set_defaults(run=run_command)
 
-    demo = commands.add_parser("demo", help="the whole recipe on synthetic livestream data, "
-                                            "on a CPU in minutes")
+    demo = commands.add_parser("demo", help="the whole recipe on synthetic livestream data "
+                                            "(or TaoSR1's on relevance), on a CPU in minutes")
+    demo.add_argument("--task", choices=["livestream", "relevance"], default="livestream",
+                      help="livestream: RFT -> GRPO (LiveThinking); relevance: CoT SFT -> "
+                           "pass@N DPO -> difficulty-aware GRPO -> CumPT (TaoSR1)")
     demo.add_argument("--out", default="livethinking-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=["quick", "default", "large"], default="default",
@@ -230,12 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     demo.set_defaults(run=_demo)
 
-    data = commands.add_parser("data", help="livestream data sets")
+    data = commands.add_parser("data", help="synthetic data sets (livestream, relevance)")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    make_demo = data_commands.add_parser("make-demo", help="write the synthetic livestream "
-                                                           "set (catalogue, train, held-out, "
-                                                           "tokenizer corpus)")
+    make_demo = data_commands.add_parser("make-demo", help="write a synthetic set (livestream: "
+                                                           "catalogue, train, held-out, RL, "
+                                                           "tokenizer corpus; relevance: "
+                                                           "train, dev, held-out)")
     make_demo.add_argument("--out", required=True, help="output directory")
+    make_demo.add_argument("--task", choices=["livestream", "relevance"], default="livestream",
+                           help="relevance: queries with graded 1-4 tiers, a CoT reference, "
+                                "train/dev/held-out splits (TaoSR1)")
+    make_demo.add_argument("--dev-fraction", type=float, default=0.1,
+                           help="relevance: share of products kept for the dev split")
     make_demo.add_argument("--products", type=int, default=24, help="catalogue size")
     make_demo.add_argument("--questions-per-product", type=int, default=8)
     make_demo.add_argument("--heldout-fraction", type=float, default=0.2,
@@ -243,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     make_demo.add_argument("--listing-products", type=int, default=0,
                            help="more training-side products with no questions: their "
                                 "catalogue texts join pretrain.jsonl only")
+    make_demo.add_argument("--rl-products", type=int, default=0,
+                           help="more products asked about in rl.jsonl only (GRPO prompts "
+                                "on documents the SFT stage never saw)")
     make_demo.add_argument("--seed", type=int, default=0)
     make_demo.set_defaults(run=_data_make_demo)
     return parser

@@ -80,7 +80,8 @@ def test_make_demo_is_deterministic(tmp_path, demo):
     paths, train, heldout = demo
     again = make_demo(tmp_path / "again", seed=3)
     other = make_demo(tmp_path / "other", seed=4)
-    names = ["catalogue.json", "train.jsonl", "heldout.jsonl", "corpus.txt", "pretrain.jsonl"]
+    names = ["catalogue.json", "train.jsonl", "heldout.jsonl", "corpus.txt", "pretrain.jsonl",
+             "rl.jsonl"]
     for name in names:
         assert (paths.out_dir / name).read_bytes() == (again.out_dir / name).read_bytes()
     assert (paths.train.read_bytes() != other.train.read_bytes())
@@ -149,6 +150,35 @@ def test_listing_products_join_the_corpus_only(demo, tmp_path):
     assert not asked & {p["id"] for p in listing}
     with pytest.raises(ValueError, match="listing_products"):
         make_demo(tmp_path / "bad", listing_products=-1)
+
+
+def test_rl_products_are_asked_only_in_the_rl_split(demo, tmp_path):
+    paths, train, heldout = demo
+    assert load_records(paths.rl).items == [] and paths.num_rl == 0
+    more = make_demo(tmp_path / "more", seed=3, listing_products=5, rl_products=7)
+    assert load_records(more.train).items == train  # the other splits do not move
+    assert load_records(more.heldout).items == heldout
+    rl = load_records(more.rl).items
+    assert more.num_rl == len(rl) == 7 * 8
+    catalogue = json.loads(more.catalogue.read_text())["products"]
+    by_id = {p["id"]: p for p in catalogue}
+    assert len(by_id) == len(catalogue) and len({p["name"] for p in catalogue}) == len(catalogue)
+    rl_ids = {r.id.split("-")[0] for r in rl}
+    assert {by_id[i]["split"] for i in rl_ids} == {"rl"} and len(rl_ids) == 7
+    seen = {r.product_doc for r in train + heldout}
+    seen |= {line["text"].split("\n\n")[0] for line in map(json.loads, more.pretrain.open())}
+    assert not seen & {r.product_doc for r in rl}  # an RL document appears nowhere else
+    for r in rl:  # references follow the documents as in the other splits
+        doc = parse_product_doc(r.product_doc)
+        attr = asked_attribute(r.question)
+        if attr in doc:
+            assert doc[attr] in r.reference, r
+        else:
+            assert any(m in r.reference for m in REFUSAL_MARKERS), r
+    assert make_demo(tmp_path / "again", seed=3, listing_products=5, rl_products=7).num_rl == 56
+    assert load_records(tmp_path / "again" / "rl.jsonl").items == rl  # deterministic
+    with pytest.raises(ValueError, match="rl_products"):
+        make_demo(tmp_path / "bad", rl_products=-1)
 
 
 def test_references_match_documents(demo):
@@ -242,7 +272,7 @@ def test_cli_make_demo(tmp_path, capsys):
     assert cli_main(["data", "make-demo", "--out", str(out), "--products", "6",
                      "--seed", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"catalogue.json", "train.jsonl",
+    assert {p.name for p in out.iterdir()} == {"catalogue.json", "train.jsonl", "rl.jsonl",
                                                "heldout.jsonl", "corpus.txt", "pretrain.jsonl"}
     assert len(load_records(out / "train.jsonl").items) == 5 * 8
     assert "Let me check the product document." in (out / "corpus.txt").read_text()
@@ -253,3 +283,7 @@ def test_cli_make_demo(tmp_path, capsys):
     assert len((listed / "pretrain.jsonl").read_text().splitlines()) == 5 + 5
     assert cli_main(["data", "make-demo", "--out", str(listed), "--listing-products",
                      "-1"]) == 2
+    assert cli_main(["data", "make-demo", "--out", str(listed), "--products", "6",
+                     "--rl-products", "3", "--seed", "1"]) == 0
+    assert len(load_records(listed / "rl.jsonl").items) == 3 * 8
+    assert cli_main(["data", "make-demo", "--out", str(listed), "--rl-products", "-1"]) == 2

@@ -4,6 +4,7 @@ Each op has a plain-PyTorch reference in :mod:`livethinking.ops.reference`.
 """
 
 from livethinking import _extension
+from livethinking.ops.dpo import dpo_loss
 from livethinking.ops.grpo import fused_linear_grpo_loss, group_advantages
 from livethinking.ops.logprobs import fused_linear_logprobs
 from livethinking.ops.moe_layer import fused_moe
@@ -23,6 +24,7 @@ if _extension.compiled_library is not None:
 __all__ = [
     "CorrectionStats",
     "MoeAlignment",
+    "dpo_loss",
     "fused_linear_grpo_loss",
     "fused_linear_logprobs",
     "fused_moe",

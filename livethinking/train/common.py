@@ -110,11 +110,14 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_tokens: int,
-             system_prompt: str | None = None, probe_tokens: int = 16) -> EvalResult:
+             system_prompt: str | None = None, probe_tokens: int = 16,
+             prompt=None) -> EvalResult:
     """Greedy answers to ``records`` through the engine, judged; TTFT and TPOT measured one
     request at a time (up to 8 probes of ``probe_tokens`` tokens, end-of-sequence ignored)
     so they are the latency a single viewer sees: TTFT = first token − arrival, TPOT =
-    (last token − first token) / (tokens − 1), medians over the probes."""
+    (last token − first token) / (tokens − 1), medians over the probes. ``prompt``:
+    ``(tokenizer, record) -> ids`` for records of another task (default: the livestream
+    prompt with ``system_prompt``)."""
     from livethinking.engine import LLM, SamplingParams
 
     was_training = model.training
@@ -122,7 +125,8 @@ def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_t
     llm = LLM(model, tokenizer, max_model_len=min(model.config.max_position_embeddings, 4096),
               max_num_seqs=max(8, len(records)))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=False)
-    prompts = [prompt_ids(tokenizer, r, system_prompt) for r in records]
+    prompts = [prompt_ids(tokenizer, r, system_prompt) if prompt is None else
+               prompt(tokenizer, r) for r in records]
     outputs = llm.generate(prompts, params)
     probe = SamplingParams(temperature=0.0, max_tokens=max(1, probe_tokens), logprobs=False,
                            ignore_eos=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["CorrectionConfig", "GRPOConfig", "JudgeConfig", "LossConfig", "OptimConfig",
-           "RFTConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TeacherConfig"]
+__all__ = ["CorrectionConfig", "DPOConfig", "DifficultyConfig", "GRPOConfig", "JudgeConfig",
+           "LossConfig", "OptimConfig", "PassAtNConfig", "RFTConfig", "RewardConfig",
+           "RolloutConfig", "RunConfig", "TeacherConfig"]
 
 
 def _positive(obj, *names: str) -> None:
@@ -39,6 +40,17 @@ class RunConfig:
         if self.eval_every < 0 or self.eval_max_tokens < 1:
             raise ValueError(f"eval_every must be >= 0 and eval_max_tokens >= 1, got "
                              f"{self.eval_every} and {self.eval_max_tokens}")
+
+
+def _check_task(config) -> None:
+    """``task`` / ``output_format`` / ``partial_credit`` agree (relevance owns the last two)."""
+    if config.output_format not in ("cot", "post_cot"):
+        raise ValueError(f"output_format must be cot or post_cot, got {config.output_format!r}")
+    if config.task != "relevance" and (config.output_format != "cot" or config.partial_credit):
+        raise ValueError("output_format post_cot and partial_credit are relevance settings "
+                         "(task: relevance)")
+    if config.task == "relevance" and config.judge_kind() != "rule":
+        raise ValueError("task relevance is judged by rule (judge.kind: rule)")
 
 
 def _check_eval(eval_data: str | None, run: RunConfig) -> None:
@@ -118,7 +130,12 @@ class RFTConfig:
     train_data: str
     eval_data: str | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
-    system_prompt: str | None = None  # None: the default livestream instructions
+    system_prompt: str | None = None  # None: the task's default instructions
+    # the records' task (train/tasks.py): livestream answers, or relevance tiers (TaoSR1)
+    # whose response is reasoning then label (cot) or label first (post_cot)
+    task: Literal["livestream", "relevance"] = "livestream"
+    output_format: Literal["cot", "post_cot"] = "cot"
+    partial_credit: bool = False  # relevance: score 1 − |pred − gold| / 3, not exact label
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     helpful_threshold: float = 0.75
@@ -146,6 +163,10 @@ class RFTConfig:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         _check_eval(self.eval_data, self.run)
+        _check_task(self)
+
+    def judge_kind(self) -> str:
+        return self.judge.kind
 
 
 @dataclass(kw_only=True, slots=True)
@@ -296,6 +317,9 @@ class GRPOConfig:
     eval_data: str | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
     system_prompt: str | None = None
+    task: Literal["livestream", "relevance"] = "livestream"  # as RFTConfig's
+    output_format: Literal["cot", "post_cot"] = "cot"
+    partial_credit: bool = False
     steps: int = 20
     prompts_per_step: int = 8
     updates_per_batch: int = 1  # optimizer steps per rollout batch (minibatches)
@@ -306,13 +330,19 @@ class GRPOConfig:
     # whole rows within it (gradients accumulated, the loss normalised as one batch)
     micro_batch_tokens: int = 8192
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    # difficulty-aware sampling (TaoSR1): train only on prompts the policy sometimes solves
+    difficulty: DifficultyConfig = field(default_factory=lambda: DifficultyConfig())
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def judge_kind(self) -> str:
+        return self.reward.judge.kind
+
     def __post_init__(self) -> None:
+        _check_task(self)
         _positive(self, "steps", "prompts_per_step", "updates_per_batch", "micro_batch_tokens")
         if self.prompts_per_step % self.updates_per_batch:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
@@ -323,3 +353,94 @@ class GRPOConfig:
             raise ValueError("loss.routing_replay rollout (R3) needs the sampler's routes: "
                              "rollout.source engine, or servers of kind livethinking / sglang "
                              "(started with --enable-return-routed-experts)")
+
+
+@dataclass(kw_only=True, slots=True)
+class DifficultyConfig:
+    """Difficulty-aware prompt sampling (TaoSR1's GRPO stage; ROLL's difficulty mask with
+    its thresholds 0.1 and 0.95): each training prompt's accuracy p (the fraction of
+    samples the correctness judge scores 1) is estimated before training by ``samples``
+    samples per prompt from the starting model (or read from ``accuracy_file``, JSON lines
+    of ``{"id", "accuracy"}`` such as ``livethinking dpo``'s ``pass_at_n.jsonl``); only
+    prompts with ``low < p < high`` are drawn. ``online``: each rollout group's accuracy
+    replaces its prompt's estimate, so prompts the policy has learned (or that stay
+    hopeless) leave the pool and ones it starts to solve re-enter it; a prompt never
+    estimated counts as kept."""
+
+    enabled: bool = False
+    low: float = 0.1
+    high: float = 0.95
+    samples: int = 8  # the offline pass@N estimate's N (unused with accuracy_file)
+    accuracy_file: str | None = None
+    online: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low < self.high <= 1.0:
+            raise ValueError(f"difficulty needs 0 <= low < high <= 1, got low={self.low}, "
+                             f"high={self.high}")
+        _positive(self, "samples")
+
+
+@dataclass(kw_only=True, slots=True)
+class PassAtNConfig:
+    """Pairs by pass@N: ``n`` samples per prompt from the starting (SFT) model through the
+    engine; per prompt up to ``pairs_per_prompt`` pairs (chosen: a sample the correctness
+    judge scores 1; rejected: one it scores below 1, distinct texts first); a prompt with
+    no correct or no wrong sample gives none (counted)."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    pairs_per_prompt: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, "n", "temperature", "max_tokens", "pairs_per_prompt")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DPOConfig:
+    """Direct preference optimisation (``livethinking.ops.dpo_loss``: TRL's sigmoid loss
+    with ``beta`` and ``label_smoothing``) on (prompt, chosen, rejected) pairs from
+    ``pairs`` (JSON lines of ``{"id", "chosen", "rejected"}``, ``id`` a record of
+    ``train_data``) or, when ``pairs`` is None, built by pass@N (``sampling``). Reference
+    log-probs come from the starting model, computed once before training. ``sft_weight``
+    α adds α · (mean NLL per chosen token over the global batch), as TRL's ``rpo_alpha``."""
+
+    model: str  # the SFT checkpoint directory (policy and reference)
+    train_data: str
+    pairs: str | None = None
+    eval_data: str | None = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    system_prompt: str | None = None
+    task: Literal["livestream", "relevance"] = "livestream"
+    output_format: Literal["cot", "post_cot"] = "cot"
+    partial_credit: bool = False
+    sampling: PassAtNConfig = field(default_factory=PassAtNConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs
+    pairs_per_step: int = 8
+    aux_loss: bool = True  # MoE balance loss over the pairs' response tokens
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward per rank
+    activation_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def judge_kind(self) -> str:
+        return self.judge.kind
+
+    def __post_init__(self) -> None:
+        _check_task(self)
+        _positive(self, "beta", "epochs", "pairs_per_step", "micro_batch_tokens")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0 or self.max_steps < 0:
+            raise ValueError(f"sft_weight and max_steps must be >= 0, got {self.sft_weight} "
+                             f"and {self.max_steps}")
+        _check_eval(self.eval_data, self.run)

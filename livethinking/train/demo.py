@@ -42,6 +42,10 @@ class DemoSize:
     products: int = 400
     questions_per_product: int = 4
     listing_products: int = 4000
+    # GRPO's prompts: 100 more products × 4 questions that neither RFT nor the held-out split
+    # sees, so the correctness reward meets unseen documents as the held-out ones are (on
+    # RFT's own prompts the student is right nearly always and GRPO only shortens).
+    rl_products: int = 100
     hidden: int = 128
     layers: int = 2
     experts: int = 4
@@ -56,7 +60,8 @@ class DemoSize:
 
     @classmethod
     def quick(cls) -> "DemoSize":
-        return cls(products=8, questions_per_product=4, listing_products=8, hidden=64, layers=2,
+        return cls(products=8, questions_per_product=4, listing_products=8, rl_products=4,
+                   hidden=64, layers=2,
                    experts=4, teacher_k=4, rft_epochs=15, grpo_steps=12, prompts_per_step=4,
                    group_size=4, max_tokens=160, eval_prompts=8, pretrain_epochs=0)
 
@@ -69,7 +74,8 @@ class DemoSize:
         measured."""
         base = cls()
         return replace(base, products=3 * base.products,
-                       listing_products=3 * base.listing_products, hidden=2 * base.hidden,
+                       listing_products=3 * base.listing_products,
+                       rl_products=3 * base.rl_products, hidden=2 * base.hidden,
                        layers=2 * base.layers, experts=2 * base.experts,
                        prompts_per_step=2 * base.prompts_per_step,
                        eval_prompts=2 * base.eval_prompts)
@@ -170,9 +176,10 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                    f"BPE tokenizer, a random {size.layers}-layer student")
     paths = make_demo(out / "data", num_products=size.products,
                       questions_per_product=size.questions_per_product,
-                      listing_products=size.listing_products, seed=seed)
+                      listing_products=size.listing_products,
+                      rl_products=size.rl_products, seed=seed)
     log(f"demo: data in {paths.out_dir} ({paths.num_train} training, {paths.num_heldout} "
-        f"held-out prompts)")
+        f"held-out and {paths.num_rl} GRPO prompts)")
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, size, out / "student-init", seed)
     if size.pretrain_epochs:  # stands in for a real student's pre-training (demo_pretrain.py)
@@ -209,7 +216,8 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                   f"then evaluate")
     rft_model = run_rft(rft, log=log)
     rows.append(measure(rft_model, "after RFT"))
-    grpo = GRPOConfig(model=str(rft_model), train_data=str(paths.train),
+    grpo_prompts = paths.rl if paths.num_rl else paths.train
+    grpo = GRPOConfig(model=str(rft_model), train_data=str(grpo_prompts),
                       system_prompt=SYSTEM_PROMPT, steps=size.grpo_steps,
                       prompts_per_step=size.prompts_per_step,
                       rollout=RolloutConfig(group_size=size.group_size, temperature=1.0,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from livethinking.data import write_text_atomic
 
-__all__ = ["format_table", "plot_stages", "write_report"]
+__all__ = ["format_table", "plot_stages", "save_figure", "write_report"]
 
 PLOT_PANELS = (("correct", "correct (%)", 100.0), ("helpful", "helpful (%)", 100.0),
                ("tokens_per_response", "tokens per answer", 1.0),
@@ -68,6 +68,14 @@ def plot_stages(rows: list[dict], path: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("LiveThinking demo: held-out products, before training → RFT → GRPO")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure as a PNG atomically (a temporary file, then a rename) and
+    close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
     os.close(fd)
     try:

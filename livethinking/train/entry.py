@@ -1,7 +1,7 @@
-"""The trainer's command line: ``python -m livethinking.train rft|grpo --config FILE
+"""The trainer's command line: ``python -m livethinking.train rft|grpo|dpo --config FILE
 [--resume] [key=value ...]`` (e.g. under torchrun).
 
-The ``livethinking rft|grpo`` subcommands are these same parsers and runner, borrowed by
+The ``livethinking rft|grpo|dpo`` subcommands are these same parsers and runner, borrowed by
 ``livethinking.cli``; the trainer never imports the command that sits on top of it.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from livethinking.train.config import GRPOConfig, RFTConfig
+from livethinking.train.config import DPOConfig, GRPOConfig, RFTConfig
 from livethinking.train.config_io import ConfigError, load_config
+from livethinking.train.dpo import run_dpo
 from livethinking.train.grpo import run_grpo
 from livethinking.train.rft import run_rft
 
@@ -21,7 +22,10 @@ COMMANDS: dict[str, str] = {  # subcommand -> its one-line help
     "rft": "rejection-sampling fine-tuning of a student on judged teacher samples",
     "grpo": "group-relative policy optimisation with correctness, helpfulness and length "
             "rewards",
+    "dpo": "direct preference optimisation on pairs from a file or by pass@N sampling",
 }
+RUNNERS = {"rft": (RFTConfig, run_rft), "grpo": (GRPOConfig, run_grpo),
+           "dpo": (DPOConfig, run_dpo)}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +38,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``args.command`` ("rft" or "grpo") from ``args.config`` plus ``args.overrides``;
-    0 when the final model is written, 2 (with the reason on stderr) for a bad config."""
-    cls, run = (RFTConfig, run_rft) if args.command == "rft" else (GRPOConfig, run_grpo)
+    """Run ``args.command`` ("rft", "grpo" or "dpo") from ``args.config`` plus
+    ``args.overrides``; 0 when the final model is written, 2 (with the reason on stderr)
+    for a bad config."""
+    cls, run = RUNNERS[args.command]
     try:
         config = load_config(cls, args.config, args.overrides)
     except ConfigError as e:
@@ -48,8 +53,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = "python -m livethinking.train") -> argparse.ArgumentParser:
-    """``rft`` and ``grpo``, each with :func:`add_run_arguments`."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train with RFT or GRPO.")
+    """``rft``, ``grpo`` and ``dpo``, each with :func:`add_run_arguments`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train with RFT, GRPO or DPO.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in COMMANDS.items():
         add_run_arguments(commands.add_parser(name, help=text))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from livethinking.train.common import evaluate, load_policy, make_judges
+from livethinking.train.common import evaluate, load_policy
 from livethinking.train.config import JudgeConfig
 from livethinking.train.distributed import DistributedContext, barrier, full_state_dict
 
@@ -37,10 +37,13 @@ class HeldOutEvaluation:
 
     def __init__(self, records, judge: JudgeConfig, *, max_tokens: int,
                  system_prompt: str | None, policy_path: Path, dist: DistributedContext,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, task=None) -> None:
+        from livethinking.train.tasks import Task
+
         self.records, self.max_tokens, self.system_prompt = records, max_tokens, system_prompt
         self.policy_path, self.dist, self.device, self.dtype = policy_path, dist, device, dtype
-        self.judges = make_judges(judge) if dist.is_main else None
+        self.task = task or Task(system_prompt=system_prompt)  # prompts and judges
+        self.judges = self.task.judges(judge) if dist.is_main else None
         self._full_copy = None  # rank 0's unsharded policy under FSDP, loaded on first use
 
     def __call__(self, model, tokenizer) -> dict[str, float] | None:
@@ -58,7 +61,7 @@ class HeldOutEvaluation:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
                                        else []):
                 outcome = evaluate(model, tokenizer, self.records, self.judges,
-                                   max_tokens=self.max_tokens, system_prompt=self.system_prompt)
+                                   max_tokens=self.max_tokens, prompt=self.task.prompt_ids)
             random.setstate(python_state)
             result = {f"eval/{k}": v for k, v in outcome.as_dict().items()}
         barrier(self.dist)

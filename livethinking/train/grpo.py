@@ -26,18 +26,18 @@ import time
 import torch
 
 from livethinking import ops
-from livethinking.data import load_records
-from livethinking.train.common import load_policy, make_judges, prompt_ids
+from livethinking.train.common import load_policy
 from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
-                                            all_reduce_sum, copy_into_unsharded,
-                                            full_state_dict, shard_model)
+                                            all_reduce_sum, broadcast_from_main,
+                                            copy_into_unsharded, full_state_dict, shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs, micro_batches,
                                           micro_loss_scale, policy_loss_backward,
                                           rollout_routes, trim)
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.rollout import engine_rollouts, openai_rollouts, server_rollouts
+from livethinking.train.tasks import task_of
 
 __all__ = ["GRPOTrainer", "PLOTS", "PromptStream", "measure_l_ref", "reward_stats",
            "run_grpo"]
@@ -74,7 +74,7 @@ def _reward_fn(config: GRPOConfig, l_ref: float):
     r = config.reward
     band = rewards.LengthBand(l_ref=l_ref, lambda_lo=r.lambda_lo, lambda_hi=r.lambda_hi,
                               epsilon=r.epsilon or l_ref) if r.w_length else None
-    correctness, helpfulness = make_judges(r.judge)
+    correctness, helpfulness = task_of(config).judges(r.judge)
     return rewards.LivestreamReward(correctness, helpfulness, band, rewards.RewardWeights(
         correctness=r.w_correctness, helpfulness=r.w_helpfulness, length=r.w_length),
         length_needs_correct=r.length_needs_correct)
@@ -86,7 +86,8 @@ def measure_l_ref(config: GRPOConfig, llm, tokenizer, records) -> float:
     from livethinking.engine import SamplingParams
 
     sample = records[:32]
-    prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in sample]
+    task = task_of(config)
+    prompts = [task.prompt_ids(tokenizer, r) for r in sample]
     params = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                             top_k=config.rollout.top_k, max_tokens=config.rollout.max_tokens,
                             seed=config.run.seed, logprobs=False)
@@ -122,6 +123,7 @@ class GRPOTrainer:
     def __init__(self, config: GRPOConfig) -> None:
         self.config = config
         self.judge = config.reward.judge
+        self.task = task_of(config)
         self.run: TrainingRun | None = None
         self.reference = None  # frozen model for the KL term (β > 0)
         self.rollout_model = None  # under torchrun: a full copy for the engine
@@ -136,6 +138,9 @@ class GRPOTrainer:
         self.pusher = None  # rank 0's weight sync with them
         self.weight_version = "0"  # the policy the servers hold: trainer steps pushed
         self.ahead = None  # rollouts sampled ahead of training (rollout.max_staleness > 0)
+        self.difficulty = None  # DifficultyFilter (difficulty.enabled)
+        self.difficulty_fallbacks = 0  # takes drawn unfiltered this step (the filter kept none)
+        self._seen_accuracy: dict[str, float] = {}  # this step's group accuracies (online)
 
     # ------------------------------------------------------------------ the skeleton's hooks
     def prepare(self, run: TrainingRun) -> tuple[int, int]:
@@ -152,7 +157,11 @@ class GRPOTrainer:
             self.rollout_model.eval().requires_grad_(False)  # refreshed after every step
         if config.loss.beta > 0:
             self.reference = self._reference(run)
-        self.records = load_records(config.train_data, on_error=config.on_bad_record).items
+        self.records = task_of(config).load(config.train_data, on_error=config.on_bad_record)
+        if config.difficulty.enabled:
+            from livethinking.train.difficulty import DifficultyFilter
+
+            self.difficulty = DifficultyFilter(config.difficulty, [r.id for r in self.records])
         sizing, block = {}, 16
         max_len = min(run.model.config.max_position_embeddings, 8192)
         self.min_blocks = -(-max_len // block)
@@ -197,6 +206,17 @@ class GRPOTrainer:
         if state is not None:
             self.stream.cursor, self.l_ref = int(state["cursor"]), state["l_ref"]
             self.weight_version = str(state.get("weight_version", "0"))
+        if self.difficulty is not None:
+            if state is not None and "difficulty" in state:
+                self.difficulty.load_state(state["difficulty"])
+            else:
+                self.estimate_difficulty()
+            d = self.difficulty.stats()
+            self.run.log(f"grpo: difficulty filter keeps {d['difficulty/kept_fraction']:.1%} of "
+                         f"{len(self.records)} prompts (accuracy in ({self.config.difficulty.low}, "
+                         f"{self.config.difficulty.high})); histogram " + ", ".join(
+                             f"{k.split('_')[-1]}: {v:.0%}" for k, v in d.items()
+                             if k.startswith("difficulty/acc_")))
         if self.pool is not None:  # the servers start from the trainer's policy, bit for bit
             push = self.push_weights()
             self.run.log(f"grpo: weights version {self.weight_version} pushed to "
@@ -207,7 +227,7 @@ class GRPOTrainer:
             # every rank's producer draws the same global batch and samples its share
             take, dist = self.config.prompts_per_step, self.run.dist
             self.ahead = RolloutsAhead(
-                lambda: self.rollouts(self.stream.take(take)[dist.rank::dist.world_size]),
+                lambda: self.rollouts(self.take(take)[dist.rank::dist.world_size]),
                 max_ahead=self.config.rollout.max_staleness)
         if self.l_ref is None and self.config.reward.w_length:
             self.wake_engine()
@@ -235,9 +255,71 @@ class GRPOTrainer:
         if self.config.rollout.free_cache_engine:
             self.llm.sleep()
 
+    def estimate_difficulty(self) -> None:
+        """The offline accuracy of every training prompt: read from
+        ``difficulty.accuracy_file``, or from ``difficulty.samples`` samples per prompt of
+        the starting model (rank 0, through the engine; broadcast)."""
+        from dataclasses import replace
+
+        from livethinking.train.difficulty import read_accuracies
+
+        d, dist = self.config.difficulty, self.run.dist
+        accuracy = None
+        if d.accuracy_file is not None:
+            accuracy = read_accuracies(d.accuracy_file, [r.id for r in self.records])
+        elif dist.is_main:
+            self.wake_engine()
+            config, tokenizer = self.config, self.run.tokenizer
+            prompts = [self.task.prompt_ids(tokenizer, r) for r in self.records]
+            seeds = [config.run.seed * 1000003 - 1 - i for i in range(len(self.records))]
+            groups = engine_rollouts(self.llm, self.records, prompts,
+                                     replace(config.rollout, group_size=d.samples), seeds)
+            correctness = self.reward_fn.correctness if self.reward_fn is not None else \
+                self.task.judges(config.reward.judge)[0]
+            accuracy = {}
+            for record, group in zip(self.records, groups):
+                verdicts = correctness.judge_many([record] * len(group), [r.text for r in group])
+                accuracy[record.id] = statistics.fmean(v.score >= 1.0 for v in verdicts)
+            self.sleep_engine()
+        self.difficulty.update(broadcast_from_main(accuracy, dist))
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` prompt picks of the stream the difficulty filter keeps (all of
+        them without one); the cursor also passes the skipped ones. When the filter keeps
+        no prompt at all (every estimate solved or hopeless) the picks are unfiltered and
+        counted (``difficulty/fallback``): the online estimates can then bring prompts back."""
+        if self.difficulty is None:
+            return self.stream.take(n)
+        if self.difficulty.kept_fraction() == 0.0:  # all solved or all hopeless: draw any
+            self.difficulty_fallbacks += 1
+            return self.stream.take(n)
+        out = []
+        while len(out) < n:
+            (pick,) = self.stream.take(1)
+            if self.difficulty.keeps(self.records[pick[0]].id):
+                out.append(pick)
+        return out
+
+    def merge_accuracies(self) -> None:
+        """Online difficulty: every rank's group accuracies of this step (gathered, so the
+        ranks' filters stay equal and draw the same picks) replace the estimates."""
+        if self.difficulty is None or not self.config.difficulty.online:
+            return
+        dist, index = self.run.dist, {r.id: i for i, r in enumerate(self.records)}
+        seen, self._seen_accuracy = self._seen_accuracy, {}
+        (most,) = all_reduce_max([len(seen)], dist)
+        rows = torch.full((int(most), 2), -1.0, dtype=torch.float64, device=self.run.device)
+        for j, (record_id, accuracy) in enumerate(seen.items()):
+            rows[j, 0], rows[j, 1] = index[record_id], accuracy
+        every = all_gather_rows(rows, dist).cpu().tolist()
+        self.difficulty.update({self.records[int(i)].id: a for i, a in every if i >= 0})
+
     def checkpoint_state(self) -> dict:
-        return {"cursor": self.stream.cursor, "l_ref": self.l_ref,
-                "weight_version": self.weight_version}
+        state = {"cursor": self.stream.cursor, "l_ref": self.l_ref,
+                 "weight_version": self.weight_version}
+        if self.difficulty is not None:
+            state["difficulty"] = self.difficulty.state()
+        return state
 
     def postfix(self, stats: dict[str, float]) -> dict[str, str]:
         return {"reward": f"{stats['reward/total']:.3f}",
@@ -250,6 +332,11 @@ class GRPOTrainer:
             self.wake_engine()
         groups, scores, stats = self.collect()
         self.sleep_engine()
+        if self.difficulty is not None:
+            self.merge_accuracies()
+            stats |= self.difficulty.stats()
+            stats["difficulty/fallback"] = float(self.difficulty_fallbacks > 0)
+            self.difficulty_fallbacks = 0
         self.update_stats = []
         if not groups:  # every group was uninformative: nothing to learn from this step
             stats |= {"reward/total": 0.0, "response_tokens": 0.0, "skipped": 1.0}
@@ -316,7 +403,7 @@ class GRPOTrainer:
         """One group per (record index, cursor) pick; seeds are functions of the cursor."""
         config, tokenizer = self.config, self.run.tokenizer
         chosen = [self.records[i] for i, _ in picks]
-        prompts = [prompt_ids(tokenizer, r, config.system_prompt) for r in chosen]
+        prompts = [self.task.prompt_ids(tokenizer, r) for r in chosen]
         seeds = [config.run.seed * 1000003 + cursor for _, cursor in picks]
         routes = config.loss.routing_replay == "rollout" and self.llm.engine.runner.records_routes
         if config.rollout.source == "engine":
@@ -342,7 +429,7 @@ class GRPOTrainer:
             (missing,) = all_reduce_max([want - len(groups)], dist)
             if missing <= 0:
                 break
-            picks = self.stream.take(int(missing) * world)[rank::world]
+            picks = self.take(int(missing) * world)[rank::world]
             for group in self.rollouts(picks):
                 breakdown = self.score(group)
                 if breakdown is None:
@@ -362,6 +449,9 @@ class GRPOTrainer:
         reward equal: no advantage to learn from)."""
         breakdown = self.reward_fn.score_many([r.record for r in group], [r.text for r in group],
                                               [len(r.completion_ids) for r in group])
+        if self.difficulty is not None:  # the group's accuracy, for the online estimate
+            self._seen_accuracy[group[0].record.id] = statistics.fmean(
+                b.correctness >= 1.0 for b in breakdown)
         totals = [b.total for b in breakdown]
         if self.config.dynamic_sampling and max(totals) - min(totals) < 1e-9:
             return None

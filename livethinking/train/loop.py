@@ -18,7 +18,6 @@ from typing import Protocol
 
 import torch
 
-from livethinking.data import load_records
 from livethinking.train.checkpointing import (checkpoint_collectively, load_trainer_state,
                                               restore_optimizer, save_final_model,
                                               set_rng_state)
@@ -29,6 +28,7 @@ from livethinking.train.distributed import DistributedContext, end_distributed, 
 from livethinking.train.evaluation import EVAL_PLOTS, HeldOutEvaluation, evaluation_steps
 from livethinking.train.metrics import MetricsLogger, plot_metrics
 from livethinking.train.optim import MasterWeightAdamW
+from livethinking.train.tasks import task_of
 
 __all__ = ["Algorithm", "TrainingRun", "run_training"]
 
@@ -105,11 +105,12 @@ def run_training(config, algorithm: Algorithm, *, resume: bool, log=print) -> Pa
         algorithm.start(None)
     evaluation, evaluate_at = None, set()
     if config.eval_data:
-        records = load_records(config.eval_data, on_error=config.on_bad_record).items
+        task = task_of(config)
+        records = task.load(config.eval_data, on_error=config.on_bad_record)
         evaluation = HeldOutEvaluation(
             records, algorithm.judge, max_tokens=settings.eval_max_tokens,
             system_prompt=config.system_prompt, policy_path=start_at.policy_path, dist=dist,
-            device=start_at.device, dtype=start_at.dtype)
+            device=start_at.device, dtype=start_at.dtype, task=task)
         evaluate_at = evaluation_steps(total, settings.eval_every)
     logger = MetricsLogger(run.out, tensorboard=settings.tensorboard,
                            resume_step=start if checkpoint is not None else None) \

@@ -23,13 +23,14 @@ import random
 import time
 from pathlib import Path
 
-from livethinking.data import LivestreamRecord, load_records, load_texts, write_text_atomic
-from livethinking.train.common import make_judges, prompt_ids, response_ids
+from livethinking.data import load_texts, write_text_atomic
+from livethinking.train.common import response_ids
 from livethinking.train.config import RFTConfig
 from livethinking.train.distributed import all_reduce_sum, broadcast_from_main
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.packing import pack_examples
 from livethinking.train.sft import sft_step
+from livethinking.train.tasks import task_of
 from livethinking.train.teacher import accept_samples, teacher_responses
 
 __all__ = ["RFTTrainer", "run_rft"]
@@ -41,10 +42,10 @@ def _accepted(config: RFTConfig, records, out: Path, reuse: bool):
     if reuse and path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [(by_id[r["id"]], r["response"]) for r in rows], {"reused": len(rows)}
+    task = task_of(config)
     responses = teacher_responses(config.teacher, records, seed=config.run.seed,
-                                  system_prompt=config.system_prompt,
-                                  progress=config.run.progress)
-    kept, stats = accept_samples(records, responses, make_judges(config.judge),
+                                  progress=config.run.progress, task=task)
+    kept, stats = accept_samples(records, responses, task.judges(config.judge),
                                  helpful_threshold=config.helpful_threshold)
     write_text_atomic(path, "".join(json.dumps({"id": r.id, "response": text}) + "\n"
                                     for r, text in kept))
@@ -91,15 +92,15 @@ class RFTTrainer:
     def prepare(self, run: TrainingRun) -> tuple[int, int]:
         config = self.config
         self.run = run
-        records: list[LivestreamRecord] = load_records(config.train_data,
-                                                       on_error=config.on_bad_record).items
+        task = task_of(config)
+        records = task.load(config.train_data, on_error=config.on_bad_record)
         kept, sample_stats = _agreed_accepted(config, records, run,
                                                      reuse=run.checkpoint is not None)
         run.log(f"rft: {len(records)} prompts; teacher samples {sample_stats}")
         if not kept:
             raise RuntimeError("no teacher sample was judged correct and helpful: nothing to "
                                "train on")
-        examples = [(prompt_ids(run.tokenizer, r, config.system_prompt),
+        examples = [(task.prompt_ids(run.tokenizer, r),
                      response_ids(run.tokenizer, text)) for r, text in kept]
         texts = [] if config.lm_data is None else load_texts(config.lm_data).items
         for text in texts:  # (first token, the rest): every token after the first trained

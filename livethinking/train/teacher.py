@@ -7,23 +7,33 @@ from __future__ import annotations
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from livethinking.data import LivestreamRecord, load_teacher_samples
+from livethinking.data import load_teacher_samples
 from livethinking.rewards import is_accepted
 from livethinking.train.config import TeacherConfig
 
 __all__ = ["accept_samples", "teacher_responses"]
 
 
-def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *, seed: int,
-                      system_prompt: str | None = None,
-                      progress: bool = False) -> dict[str, list[str]]:
+def teacher_responses(config: TeacherConfig, records: list, *, seed: int,
+                      system_prompt: str | None = None, progress: bool = False,
+                      task=None) -> dict[str, list[str]]:
     """record id -> the teacher's responses (up to k); ``progress``: a bar over the prompts
-    (with ETA) for the demo and OpenAI-endpoint teachers."""
+    (with ETA) for the demo and OpenAI-endpoint teachers. ``task`` (``train.tasks.Task``,
+    default livestream with ``system_prompt``): how records become prompts, and which
+    programmatic teacher ``kind: demo`` is."""
+    from livethinking.train.tasks import Task
+
+    task = task or Task(system_prompt=system_prompt)
     if config.kind == "jsonl":
         by_id: dict[str, list[str]] = defaultdict(list)
         for sample in load_teacher_samples(config.path).items:
             by_id[sample.id].append(sample.response)
         return {r.id: by_id.get(r.id, [])[:config.k] for r in records}
+    if config.kind == "demo" and task.name == "relevance":
+        from livethinking.tasks.relevance import relevance_teacher
+
+        return relevance_teacher(list(_bar(records, progress)), k=config.k, seed=seed,
+                                 output_format=task.output_format, error_rate=config.error_rate)
     if config.kind == "demo":
         from livethinking.tasks.livestream import DemoTeacher
 
@@ -31,8 +41,8 @@ def teacher_responses(config: TeacherConfig, records: list[LivestreamRecord], *,
                               min_filler=config.min_filler, max_filler=config.max_filler)
         return {r.id: teacher.respond(r, config.k) for r in _bar(records, progress)}
     if config.kind == "engine":
-        return _engine_responses(config, records, seed, system_prompt)
-    return _openai_responses(config, records, seed, system_prompt, progress)
+        return _engine_responses(config, records, seed, task)
+    return _openai_responses(config, records, seed, task, progress)
 
 
 def _bar(items, enabled: bool, total: int | None = None):
@@ -44,33 +54,27 @@ def _bar(items, enabled: bool, total: int | None = None):
     return tqdm(items, total=total, desc="teacher", unit="prompt", dynamic_ncols=True)
 
 
-def _engine_responses(config, records, seed, system_prompt):
+def _engine_responses(config, records, seed, task):
     from livethinking.engine import LLM, SamplingParams
-    from livethinking.train.common import prompt_ids
 
     llm = LLM(config.path)
     params = [SamplingParams(n=config.k, temperature=config.temperature,
                              max_tokens=config.max_tokens, seed=seed + i, logprobs=False)
               for i in range(len(records))]
-    outputs = llm.generate([prompt_ids(llm.tokenizer, r, system_prompt) for r in records], params)
+    outputs = llm.generate([task.prompt_ids(llm.tokenizer, r) for r in records], params)
     return {r.id: [c.text for c in o.outputs] for r, o in zip(records, outputs)}
 
 
-def _openai_responses(config, records, seed, system_prompt, progress=False):
+def _openai_responses(config, records, seed, task, progress=False):
     import openai
-
-    from livethinking.model.prompt import build_messages
 
     client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key, max_retries=3)
 
     def ask(item):
         i, record = item
-        history = [{"role": t.role, "content": t.content} for t in record.history]
         reply = client.chat.completions.create(
             model=config.model, n=config.k, temperature=config.temperature, seed=seed + i,
-            max_tokens=config.max_tokens,
-            messages=build_messages(record.product_doc, history, record.question,
-                                    system_prompt=system_prompt))
+            max_tokens=config.max_tokens, messages=task.messages(record))
         return record.id, [c.message.content or "" for c in reply.choices]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -78,7 +82,7 @@ def _openai_responses(config, records, seed, system_prompt, progress=False):
 
 
 def accept_samples(records, responses: dict[str, list[str]], judges, *,
-                   helpful_threshold: float) -> tuple[list[tuple[LivestreamRecord, str]], dict]:
+                   helpful_threshold: float) -> tuple[list[tuple[object, str]], dict]:
     """Keep (record, response) pairs judged correct (score 1) AND helpful (≥ threshold)."""
     pairs = [(r, text) for r in records for text in responses.get(r.id, [])]
     correctness, helpfulness = judges

@@ -6,7 +6,10 @@ document does not list; their reference is a polite refusal containing one of
 :data:`REFUSAL_MARKERS`. Held-out prompts come from held-out products only. The
 pre-training corpus (``pretrain.jsonl``, one ``{"text": ...}`` per training or listing-only
 product: its document, then its ``key: value`` lines again and 1-2 ``key: not listed``
-lines for keys it lacks, shuffled) holds no held-out product. Everything is deterministic
+lines for keys it lacks, shuffled) holds no held-out product. An optional RL split
+(``rl.jsonl``) asks about products of its own, in neither the SFT prompts, the corpus nor
+the held-out split: prompts for GRPO on documents the SFT student has never seen, so the
+correctness reward still has something to teach. Everything is deterministic
 given the seed (``random.Random``; no torch).
 """
 
@@ -23,7 +26,7 @@ from livethinking.tasks.livestream.domain import (ATTRIBUTES, REFUSAL_MARKERS, P
 
 __all__ = ["ANSWER_TEMPLATES", "CATEGORIES", "FILLERS", "NAME_PREFIXES", "NOT_LISTED", "OPENERS",
            "QUESTION_TEMPLATES", "REFUSAL_TEMPLATES", "DemoPaths", "answer_sentence",
-           "make_demo", "pretraining_text", "refusal_sentence"]
+           "make_catalogue", "make_demo", "pretraining_text", "refusal_sentence"]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {  # category -> attributes its products draw from
     "kettle": ("color", "price", "material", "capacity", "power", "warranty", "weight",
@@ -102,8 +105,10 @@ class DemoPaths:
     heldout: Path
     corpus: Path
     pretrain: Path
+    rl: Path
     num_train: int
     num_heldout: int
+    num_rl: int
 
 
 def answer_sentence(attr: str, value: str) -> str:
@@ -116,7 +121,9 @@ def refusal_sentence(rng: random.Random, attr: str, name: str) -> str:
     return rng.choice(REFUSAL_TEMPLATES).format(attr=attr, name=name)
 
 
-def _make_catalogue(rng: random.Random, num_products: int) -> list[Product]:
+def make_catalogue(rng: random.Random, num_products: int) -> list[Product]:
+    """``num_products`` products, categories in turn, unique names, 5-7 attributes each
+    with values drawn from :data:`ATTRIBUTES` (ids ``p000``, ``p001``, ...)."""
     categories = list(CATEGORIES)
     products, names = [], set()
     for i in range(num_products):
@@ -137,7 +144,7 @@ def _make_catalogue(rng: random.Random, num_products: int) -> list[Product]:
 
 def _listing_products(rng: random.Random, count: int, asked: list[Product]) -> list[Product]:
     """``count`` products after ``asked`` in the catalogue (ids and names continue theirs)."""
-    drawn = _make_catalogue(rng, len(asked) + count)[len(asked):]
+    drawn = make_catalogue(rng, len(asked) + count)[len(asked):]
     taken = {p.name for p in asked}
     listing = []
     for i, product in enumerate(drawn, start=len(asked)):
@@ -209,17 +216,22 @@ def _corpus(train: list[LivestreamRecord]) -> str:
 
 def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_product: int = 8,
               heldout_fraction: float = 0.2, listing_products: int = 0,
-              seed: int = 0) -> DemoPaths:
+              rl_products: int = 0, seed: int = 0) -> DemoPaths:
     """Write ``catalogue.json``, ``train.jsonl``, ``heldout.jsonl``, ``corpus.txt`` (text
     to train a tokenizer on) and ``pretrain.jsonl`` (:func:`pretraining_text` of every
     training product) under ``out_dir``, each atomically. ``listing_products`` more
     products join the catalogue with no question asked about them (split ``"listing"``):
     their texts are in ``pretrain.jsonl``, never in a held-out split; they are drawn from
-    their own random stream, so the asked products and prompts do not depend on it."""
+    their own random stream, so the asked products and prompts do not depend on it.
+    ``rl_products`` more products (split ``"rl"``, their own stream too) get
+    ``questions_per_product`` prompts each in ``rl.jsonl`` (empty when 0) and appear nowhere
+    else: GRPO's prompts on unseen documents."""
     if num_products < 1:
         raise ValueError(f"num_products must be >= 1, got {num_products}")
     if listing_products < 0:
         raise ValueError(f"listing_products must be >= 0, got {listing_products}")
+    if rl_products < 0:
+        raise ValueError(f"rl_products must be >= 0, got {rl_products}")
     if questions_per_product < 1:
         raise ValueError(f"questions_per_product must be >= 1, got {questions_per_product}")
     if not 0.0 <= heldout_fraction < 1.0:
@@ -231,7 +243,7 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
         raise ValueError(f"num_products={num_products} with heldout_fraction="
                          f"{heldout_fraction} leaves no training product")
     rng = random.Random(seed)
-    products = _make_catalogue(rng, num_products)
+    products = make_catalogue(rng, num_products)
     order = list(range(num_products))
     rng.shuffle(order)
     heldout_ids = {products[i].id for i in order[:num_heldout_products]}
@@ -242,17 +254,23 @@ def make_demo(out_dir: str | Path, *, num_products: int = 24, questions_per_prod
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = DemoPaths(out_dir=out, catalogue=out / "catalogue.json", train=out / "train.jsonl",
-                      heldout=out / "heldout.jsonl", corpus=out / "corpus.txt",
-                      pretrain=out / "pretrain.jsonl", num_train=len(train), num_heldout=len(heldout))
     listing = _listing_products(random.Random(f"{seed}\x00listing"), listing_products,
                                 products)
+    rl_rng = random.Random(f"{seed}\x00rl")
+    rl_asked = _listing_products(rl_rng, rl_products, [*products, *listing])
+    rl = [r for product in rl_asked for r in _records_for(rl_rng, product, questions_per_product)]
+    paths = DemoPaths(out_dir=out, catalogue=out / "catalogue.json", train=out / "train.jsonl",
+                      heldout=out / "heldout.jsonl", corpus=out / "corpus.txt",
+                      pretrain=out / "pretrain.jsonl", rl=out / "rl.jsonl",
+                      num_train=len(train), num_heldout=len(heldout), num_rl=len(rl))
     catalogue = {"seed": seed, "products": [
         {**p.to_json(), "split": "heldout" if p.id in heldout_ids else "train"}
-        for p in products] + [{**p.to_json(), "split": "listing"} for p in listing]}
+        for p in products] + [{**p.to_json(), "split": "listing"} for p in listing]
+        + [{**p.to_json(), "split": "rl"} for p in rl_asked]}
     write_text_atomic(paths.catalogue, json.dumps(catalogue, indent=1) + "\n")
     write_jsonl(paths.train, train)
     write_jsonl(paths.heldout, heldout)
+    write_jsonl(paths.rl, rl)
     write_text_atomic(paths.corpus, _corpus(train))
     pretrain_rng = random.Random(f"{seed}\x00pretrain")  # the splits above stay as they were
     write_text_atomic(paths.pretrain, "".join(

@@ -1,0 +1,78 @@
+"""The relevance demo (TaoSR1) at CI size through the command line: every stage runs (CoT
+SFT, pass@N DPO, difficulty-aware GRPO, CumPT), the report files, and the relevance data
+command."""
+
+import json
+
+import pytest
+
+from livethinking.cli import main
+from livethinking.tasks.relevance import load_relevance_records
+
+STAGES = ["before training", "after CoT SFT", "after pass@N DPO", "after GRPO"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("relevance_demo")
+    try:
+        code = main(["demo", "--task", "relevance", "--size", "quick", "--threads", "1",
+                     "--quiet", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return code, out
+
+
+def test_every_stage_runs_and_is_reported(quick_run):
+    code, out = quick_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["model"] for r in rows] == STAGES
+    for r in rows:
+        for key in ("accuracy", "macro_f1", "cumpt_accuracy", "cumpt_macro_f1", "format",
+                    "argmax_accuracy", "decoded_unparseable"):
+            assert 0.0 <= r[key] <= 1.0, (r["model"], key)
+        assert 0.0 <= r["cumpt_tau"] <= 1.0
+        # reading the label first is one prefill; the full CoT decodes every token after it
+        assert 0 < r["label_first_ms"] < r["full_cot_ms"]
+        assert r["full_cot_ms"] == pytest.approx(r["ttft_ms"] + r["tokens_per_response"]
+                                                 * r["tpot_ms"])
+        assert len(r["examples"]) == 2
+    # SFT teaches the label-first format: the untrained student's labels never parse
+    assert rows[0]["decoded_unparseable"] > 0.9 and rows[1]["decoded_unparseable"] < 0.1
+    assert rows[1]["format"] > rows[0]["format"]
+    md = (out / "results.md").read_text()
+    assert all(s in md for s in STAGES) and "CumPT" in md and "stages.png" in md
+    assert (out / "stages.png").stat().st_size > 1000
+
+
+def test_the_stages_hand_their_outputs_on(quick_run):
+    _, out = quick_run
+    accuracy = [json.loads(x) for x in (out / "dpo" / "pass_at_n.jsonl").read_text().splitlines()]
+    train = load_relevance_records(out / "data" / "train.jsonl").items
+    assert {a["id"] for a in accuracy} == {r.id for r in train}
+    assert all(a["n"] == 4 and a["accuracy"] * 4 == round(a["accuracy"] * 4) for a in accuracy)
+    pairs = [json.loads(x) for x in (out / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
+    by_id = {a["id"]: a["accuracy"] for a in accuracy}
+    assert pairs and all(0 < by_id[p["id"]] < 1 for p in pairs)  # mixed prompts only
+    grpo = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(grpo) == 4 and all("difficulty/kept_fraction" in r for r in grpo)
+    sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[-1]["loss"] < sft[0]["loss"] / 2
+
+
+def test_relevance_data_command(tmp_path, capsys):
+    assert main(["data", "make-demo", "--task", "relevance", "--out", str(tmp_path / "d"),
+                 "--products", "20", "--questions-per-product", "4"]) == 0
+    assert "relevance records" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "d").iterdir()} == {
+        "catalogue.json", "train.jsonl", "dev.jsonl", "heldout.jsonl", "corpus.txt"}
+    assert main(["data", "make-demo", "--task", "relevance", "--out", str(tmp_path / "e"),
+                 "--rl-products", "3"]) == 2
+    assert "livestream options" in capsys.readouterr().err
+    assert main(["data", "make-demo", "--task", "relevance", "--out", str(tmp_path / "f"),
+                 "--products", "0"]) == 2
