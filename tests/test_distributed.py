@@ -136,6 +136,18 @@ def test_grpo_two_processes_follow_one_process(tmp_path, demo_setup, scale, micr
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
+def test_grpo_old_logprobs_under_fsdp_follow_one_process(tmp_path, demo_setup):
+    """Two updates per batch: the old log-probs are no-grad forwards of the sharded policy
+    that no backward follows (the modules are resharded after them); both updates' ratios
+    and gradients equal the 1-process run's."""
+    one, _ = _grpo(tmp_path, demo_setup, "one", 1, "{}", "updates_per_batch: 2\n")
+    two, _ = _grpo(tmp_path, demo_setup, "two", 2, "{}", "updates_per_batch: 2\n")
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["ratio"] == pytest.approx(a["ratio"], rel=1e-5)
+
+
 def test_grpo_microbatched_old_and_reference_logprobs_under_fsdp(tmp_path, demo_setup):
     """Old-policy and reference log-probs in microbatches under FSDP: the ranks forward as
     often as each other (fillers), so a run with two updates per batch and a KL term
@@ -354,3 +366,66 @@ def test_ranks_agree_on_rank_zeros_accepted_set(tmp_path):
     accepted set (broadcast), and an error there is raised on every rank, not a hang."""
     stdout = _torchrun_script(tmp_path / "agree.py", _AGREEMENT_SCRIPT)
     assert "agreed 0" in stdout and "agreed 1" in stdout
+
+
+def test_grpo_online_difficulty_two_processes_follow_one_process(tmp_path, demo_setup):
+    """Difficulty-aware sampling under FSDP: each rank's group accuracies are gathered, so
+    both ranks' filters stay equal, draw the same picks and follow the 1-process run."""
+    paths = demo_setup[0]
+    from livethinking.data import load_records
+
+    accuracy = tmp_path / "acc.jsonl"
+    accuracy.write_text("".join(json.dumps({"id": r.id, "accuracy": 0.5}) + "\n"
+                                for r in load_records(paths.train).items))
+    top = f"difficulty: {{enabled: true, accuracy_file: {accuracy}, online: true}}\n"
+    one, _ = _grpo(tmp_path, demo_setup, "one", 1, "{}", top)
+    two, _ = _grpo(tmp_path, demo_setup, "two", 2, "{}", top)
+    assert one[-1]["difficulty/kept_fraction"] < 1.0  # the online estimates moved
+    for a, b in zip(one, two):
+        for key in ("difficulty/kept_fraction", "difficulty/acc_0.0-0.2", "reward/total",
+                    "response_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+
+
+def _dpo(tmp_path, demo_setup, name, nproc):
+    paths, _, student = demo_setup
+    from livethinking.data import load_records
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": r.id, "chosen": r.reference,
+                                         "rejected": "Sorry, I cannot say."}) + "\n"
+                             for r in load_records(paths.train).items))
+    out = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(
+        f"model: {student}\ntrain_data: {paths.train}\npairs: {pairs}\nbeta: 0.5\n"
+        "sft_weight: 0.3\naux_loss: false\npairs_per_step: 3\nmax_steps: 3\n"
+        "micro_batch_tokens: 200\noptim: {lr: 0.003}\n"
+        f"run: {{output_dir: {out}, seed: 1, progress: false, tensorboard: false, plots: false}}\n")
+    command = ["-m", "livethinking.train", "dpo", "--config", str(config)]
+    if nproc > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + command
+    result = subprocess.run([sys.executable] + command, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], out / "final"
+
+
+def test_dpo_two_processes_follow_one_process(tmp_path, demo_setup):
+    """DPO under FSDP: 3 pairs a step over 2 ranks (one rank has one pair fewer, so fewer
+    microbatches: it runs zero-weight fillers), reference log-probs computed by every rank
+    before the optimizer exists (resharded after: else the optimizer held the unsharded
+    root tensors and the grad norm was 1.65 for 6.97); the loss, the implicit rewards and
+    the weights follow the 1-process run."""
+    one, one_final = _dpo(tmp_path, demo_setup, "one", 1)
+    two, two_final = _dpo(tmp_path, demo_setup, "two", 2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("loss", "dpo_loss", "nll", "rewards/margins", "rewards/accuracies",
+                    "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    a = CausalLM.from_pretrained(one_final).state_dict()
+    b = CausalLM.from_pretrained(two_final).state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

@@ -226,7 +226,7 @@ def run_demo(out: str | Path, *, size: DemoSize | None = None, seed: int = 0,
                                           lambda_lo=0.2, lambda_hi=0.45,
                                           length_needs_correct=True),
                       loss=LossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.02),
-                      optim=OptimConfig(lr=6e-4, warmup_steps=0, min_lr_ratio=1.0),
+                      optim=OptimConfig(lr=4e-4, warmup_steps=0, min_lr_ratio=1.0),
                       run=RunConfig(**{**_fields(base_run), "output_dir": str(out / "grpo")}))
     banner("GRPO", f"{size.grpo_steps} steps × {size.prompts_per_step} prompts × "
                    f"{size.group_size} samples, correctness + helpfulness + length rewards; "

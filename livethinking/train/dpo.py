@@ -32,7 +32,8 @@ import torch
 from livethinking import ops
 from livethinking.train.common import response_ids
 from livethinking.train.config import DPOConfig
-from livethinking.train.distributed import all_reduce_max, all_reduce_sum, broadcast_from_main
+from livethinking.train.distributed import (all_reduce_max, all_reduce_sum,
+                                            broadcast_from_main, reshard)
 from livethinking.train.grpo_step import build_batch, micro_batches, trim
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.pairs import PreferencePair, build_pairs, load_pairs, sample_n
@@ -195,6 +196,8 @@ class DPOTrainer:
             logps, _ = _row_logprobs(run.model, trim(build_batch(rows, run.device)), aux=False)
             out[group] = logps.float().cpu().reshape(-1, 2)
         run.model.train(was_training)
+        if run.dist.world_size > 1:  # no backward follows these forwards
+            reshard(run.model)
         return out
 
     def _agreed_pairs(self, records, saved):

@@ -31,7 +31,8 @@ from livethinking.train.config import GRPOConfig
 from livethinking.train.config_io import ConfigError
 from livethinking.train.distributed import (all_gather_rows, all_reduce_max, all_reduce_min,
                                             all_reduce_sum, broadcast_from_main,
-                                            copy_into_unsharded, full_state_dict, shard_model)
+                                            copy_into_unsharded, full_state_dict, reshard,
+                                            shard_model)
 from livethinking.train.grpo_step import (build_batch, completion_logprobs, micro_batches,
                                           micro_loss_scale, policy_loss_backward,
                                           rollout_routes, trim)
@@ -564,9 +565,12 @@ class GRPOTrainer:
         lengths = (batch.window[:, 0] + 1 + batch.mask.sum(-1).long()).tolist()
         groups = micro_batches(lengths, self.config.micro_batch_tokens)
         (count,) = all_reduce_max([len(groups)], self.run.dist)
-        return completion_logprobs(model, batch, self.config.rollout.temperature,
-                                   return_routes=return_routes, groups=groups,
-                                   num_forwards=int(count))
+        out = completion_logprobs(model, batch, self.config.rollout.temperature,
+                                  return_routes=return_routes, groups=groups,
+                                  num_forwards=int(count))
+        if self.run.dist.world_size > 1:  # no backward follows: free the gathered root
+            reshard(model)
+        return out
 
     def _minibatch_backward(self, batch, rows, advantages, old, ref, is_weights
                             ) -> dict[str, float]:
