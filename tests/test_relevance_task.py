@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from livethinking.data import DataError, write_jsonl
-from livethinking.rewards import Judge, LivestreamReward
+from livethinking.rewards import (Judge, LivestreamReward, RelevanceFormatJudge,
+                                  RelevanceLabelJudge, Verdict, relevance_judges)
 from livethinking.tasks.livestream import ATTRIBUTES
 from livethinking.tasks.livestream.demo_data import CATEGORIES
 from livethinking.tasks.relevance import (CUMPT_TOLERANCE, LABEL_TEXTS, OUTPUT_FORMATS, TIERS,
-                                          ParsedResponse, RelevanceFormatJudge, RelevanceLabelJudge,
-                                          RelevanceRecord, accuracy, calibrate_tau, cumpt,
+                                          ParsedResponse, RelevanceRecord, accuracy, calibrate_tau, cumpt,
                                           format_response, label_distribution,
                                           label_token_ids, load_relevance_records, macro_f1,
                                           make_relevance_demo, messages, parse_label,
-                                          parse_response, relevance_judges, relevance_teacher,
+                                          parse_response, relevance_teacher,
                                           write_relevance_records)
 
 LABELS = {k: f"{k}-{name}" for k, name in TIERS.items()}
@@ -407,6 +407,7 @@ def test_judges_follow_the_judge_protocol_and_feed_the_reward():
     responses = [format_response(4, "ok", "post_cot"), format_response(2, "ok", "post_cot")]
     verdicts = correctness.judge_many(records, responses)
     assert [v.score for v in verdicts] == [1.0, pytest.approx(2 / 3)]
+    assert all(isinstance(v, Verdict) for v in verdicts)
     with pytest.raises(ValueError, match="2 records but 1 responses"):
         correctness.judge_many(records, responses[:1])
     reward = LivestreamReward(correctness, helpfulness)  # the generic total takes them

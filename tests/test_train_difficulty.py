@@ -41,7 +41,7 @@ def test_accuracy_file_is_read_and_checked(tmp_path):
     path.write_text('{"id": "a", "accuracy": 0.25}\n{"id": "zz", "accuracy": 1}\n')
     assert read_accuracies(path, ["a", "b"]) == {"a": 0.25}
     for text, match in [('{"id": "a", "accuracy": 2}', "accuracy must be"),
-                        ('{"id": 1, "accuracy": 0.5}', "id must be"), ("{", "not JSON")]:
+                        ('{"id": 1, "accuracy": 0.5}', "id must be"), ("{", "invalid JSON")]:
         path.write_text(text + "\n")
         with pytest.raises(ValueError, match=r"acc\.jsonl:1"):
             read_accuracies(path, ["a"])

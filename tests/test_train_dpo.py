@@ -66,7 +66,7 @@ def test_pairs_file_errors_name_the_line(tmp_path):
     assert [(p.chosen, p.rejected) for p in load_pairs(path, records)] == [("a", "b")]
     for text, match in [('{"id": "r9", "chosen": "a", "rejected": "b"}', "r9.*not a record"),
                         ('{"id": "r0", "chosen": 1, "rejected": "b"}', ":1: chosen"),
-                        ("[1]", ":1: expected an object"), ("{", ":1: not JSON"), ("", "no pairs")]:
+                        ("[1]", ":1: expected an object"), ("{", ":1: invalid JSON"), ("", "no pairs")]:
         path.write_text(text + "\n")
         with pytest.raises(ValueError, match=match):
             load_pairs(path, records)

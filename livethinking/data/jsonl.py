@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from livethinking.data.atomic import write_text_atomic
 from livethinking.data.records import ROLES, LivestreamRecord, TeacherSample, Turn
 
-__all__ = ["DataError", "LoadResult", "load_records", "load_teacher_samples", "load_texts",
-           "write_jsonl", "write_text_atomic"]
+__all__ = ["DataError", "LoadResult", "load_json_lines", "load_records", "load_teacher_samples",
+           "load_texts", "write_jsonl", "write_text_atomic"]
 
 _RECORD_KEYS = ("id", "product_doc", "question", "history", "reference")
 _RECORD_REQUIRED = ("id", "product_doc", "question", "history")
@@ -147,6 +147,21 @@ def _load(path: str | os.PathLike, parse: Callable[[object], object], on_error: 
 def load_records(path: str | os.PathLike, *, on_error: str = "fail") -> LoadResult:
     """Livestream records (:class:`LivestreamRecord`), ids unique within the file."""
     return _load(path, _parse_record, on_error, unique_ids=True)
+
+
+def load_json_lines(path: str | os.PathLike, parse: Callable[[object], object], *,
+                    on_error: str = "fail") -> LoadResult:
+    """Items ``parse(obj)`` of a JSON-lines file, one JSON value a line (blank lines
+    skipped); a ``ValueError`` from ``parse``, bad UTF-8 or bad JSON is a
+    :class:`DataError` naming ``path:line`` (``on_error="skip"``: the line is skipped and
+    listed in ``skipped``)."""
+    def checked(obj: object) -> object:
+        try:
+            return parse(obj)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+
+    return _load(path, checked, on_error, unique_ids=False)
 
 
 def load_teacher_samples(path: str | os.PathLike, *, on_error: str = "fail") -> LoadResult:

@@ -10,9 +10,6 @@ each rollout group's accuracy replaces its prompt's estimate.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from livethinking.train.config import DifficultyConfig
 
 __all__ = ["DifficultyFilter", "read_accuracies"]
@@ -23,22 +20,19 @@ HISTOGRAM_BINS = 5  # accuracy histogram: [0, 0.2), [0.2, 0.4), …, [0.8, 1.0]
 def read_accuracies(path, ids) -> dict[str, float]:
     """``{id: accuracy}`` from JSON lines ``{"id", "accuracy"}``, keeping ``ids`` only;
     errors name the file, the line and the field."""
-    wanted, out = set(ids), {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+    from livethinking.data import load_json_lines
+
+    def parse(row: object) -> tuple[str, float]:
         accuracy = row.get("accuracy") if isinstance(row, dict) else None
-        if not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
-            raise ValueError(f"{path}:{number}: accuracy must be a number in [0, 1]")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) \
+                or not 0 <= accuracy <= 1:
+            raise ValueError("accuracy must be a number in [0, 1]")
         if not isinstance(row.get("id"), str):
-            raise ValueError(f"{path}:{number}: id must be a string")
-        if row["id"] in wanted:
-            out[row["id"]] = float(accuracy)
-    return out
+            raise ValueError("id must be a string")
+        return row["id"], float(accuracy)
+
+    wanted = set(ids)
+    return {i: a for i, a in load_json_lines(path, parse).items if i in wanted}
 
 
 class DifficultyFilter:

@@ -275,8 +275,7 @@ class GRPOTrainer:
             seeds = [config.run.seed * 1000003 - 1 - i for i in range(len(self.records))]
             groups = engine_rollouts(self.llm, self.records, prompts,
                                      replace(config.rollout, group_size=d.samples), seeds)
-            correctness = self.reward_fn.correctness if self.reward_fn is not None else \
-                self.task.judges(config.reward.judge)[0]
+            correctness, _ = self.task.judges(config.reward.judge)
             accuracy = {}
             for record, group in zip(self.records, groups):
                 verdicts = correctness.judge_many([record] * len(group), [r.text for r in group])

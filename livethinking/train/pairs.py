@@ -9,9 +9,7 @@ is kept either way, the offline difficulty estimate GRPO's difficulty filter rea
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = ["PreferencePair", "build_pairs", "load_pairs", "sample_n"]
 
@@ -72,24 +70,21 @@ def build_pairs(records, samples: dict[str, list[str]], correctness, *,
 def load_pairs(path, records) -> list[PreferencePair]:
     """Pairs from JSON lines ``{"id", "chosen", "rejected"}``; ``id`` names a record of
     ``records``. Errors name the file, the line and the field."""
+    from livethinking.data import load_json_lines
+
     by_id = {r.id: r for r in records}
-    pairs = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not JSON ({error.msg})") from None
+
+    def parse(row: object) -> PreferencePair:
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with id, chosen and rejected")
+            raise ValueError("expected an object with id, chosen and rejected")
         for key in ("id", "chosen", "rejected"):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{where}: {key} must be a string")
+                raise ValueError(f"{key} must be a string")
         if row["id"] not in by_id:
-            raise ValueError(f"{where}: id {row['id']!r} is not a record of train_data")
-        pairs.append(PreferencePair(by_id[row["id"]], row["chosen"], row["rejected"]))
+            raise ValueError(f"id {row['id']!r} is not a record of train_data")
+        return PreferencePair(by_id[row["id"]], row["chosen"], row["rejected"])
+
+    pairs = load_json_lines(path, parse).items
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs

@@ -69,7 +69,7 @@ class Task:
             if config.kind != "rule":
                 raise ValueError("task relevance is judged by rule (judge.kind: rule): the "
                                  "label is read from the response and compared")
-            from livethinking.tasks.relevance import relevance_judges
+            from livethinking.rewards import relevance_judges
 
             return relevance_judges(self.output_format, partial_credit=self.partial_credit)
         from livethinking.train.common import make_judges
