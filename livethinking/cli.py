@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["main"]
@@ -147,9 +148,12 @@ def _demo(args: argparse.Namespace) -> int:
         if args.task == "relevance":
             from livethinking.train.relevance_demo import RelevanceDemoSize, run_relevance_demo
 
-            run_relevance_demo(args.out, size=RelevanceDemoSize.preset(args.size),
-                               seed=args.seed, threads=args.threads, quiet=args.quiet)
+            size = replace(RelevanceDemoSize.preset(args.size), output_format=args.format)
+            run_relevance_demo(args.out, size=size, seed=args.seed, threads=args.threads,
+                               quiet=args.quiet)
             return 0
+        if args.format != "cot":
+            raise ValueError("--format post_cot is a relevance setting (--task relevance)")
         run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed,
                  threads=args.threads, quiet=args.quiet,
                  teacher_active_params=args.teacher_active_params)
@@ -248,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", choices=["livestream", "relevance"], default="livestream",
                       help="livestream: RFT -> GRPO (LiveThinking); relevance: CoT SFT -> "
                            "pass@N DPO -> difficulty-aware GRPO -> CumPT (TaoSR1)")
+    demo.add_argument("--format", choices=["cot", "post_cot"], default="cot",
+                      help="relevance: the response format every stage trains and reads: cot "
+                           "(reasoning, then label; what the tiny student learns) or post_cot "
+                           "(label first, TaoSR1's deployed form, read in one forward)")
     demo.add_argument("--out", default="livethinking-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=["quick", "default", "large"], default="default",

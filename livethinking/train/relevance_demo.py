@@ -1,6 +1,7 @@
 """``livethinking demo --task relevance``: TaoSR1's recipe on synthetic search relevance.
 
-Stages, each on the same tiny random MoE student and the label-first (``post_cot``) format:
+Stages, each on the same tiny random MoE student, in one response format (``output_format``:
+``cot``, reasoning then label, by default; ``post_cot``, TaoSR1's deployed label-first form):
 1. CoT SFT: k programmatic-teacher samples per training query (a reasoning that looks each
    queried value up in the document, sometimes a sound reasoning with a wrong label or a
    misread step), kept when the label is right and the format valid, then SFT (``rft``);
@@ -8,8 +9,14 @@ Stages, each on the same tiny random MoE student and the label-first (``post_cot
    rejected a wrong one (``dpo``); each query's accuracy is saved as ``pass_at_n.jsonl``;
 3. difficulty-aware GRPO: only queries whose pass@N accuracy lies in (0.1, 0.95) are
    drawn, re-estimated online from the rollout groups; reward = exact label + 0.2 · format;
-4. CumPT: per stage, the label read from the first response token's distribution, τ
-   calibrated on the dev split for macro-F1, against the label parsed from a full decode.
+4. CumPT: per stage, the label read from the label token's distribution (post_cot: the
+   first response token, one forward; cot: after the greedy reasoning), τ calibrated on
+   the dev split for macro-F1, against the label parsed from a full decode.
+
+Why cot by default: the 2-layer student cannot decide the tier in the one forward that
+label-first asks of it. Trained label-first it stays at chance (25 %) at every stage; with
+the reasoning first it learns the tier (each step looks one value up). Measured in
+``benchmarks/RESULTS.md`` (the relevance demo entries).
 
 Held-out and dev queries are about products that no training query mentions.
 """
@@ -37,14 +44,20 @@ class RelevanceDemoSize:
     layers: int = 2
     experts: int = 4
     teacher_k: int = 2
-    sft_epochs: int = 3
+    sft_epochs: int = 6
     pass_n: int = 8
     dpo_epochs: int = 1
     grpo_steps: int = 30
     prompts_per_step: int = 8
     group_size: int = 8
-    max_tokens: int = 80  # a response: label, then ~40 tokens of reasoning
+    max_tokens: int = 80  # a response: label and ~40 tokens of reasoning
     eval_records: int = 320
+    output_format: str = "cot"  # or "post_cot": label first (TaoSR1's deployed form)
+
+    def __post_init__(self) -> None:
+        from livethinking.tasks.relevance.responses import check_output_format
+
+        check_output_format(self.output_format)
 
     @classmethod
     def quick(cls) -> "RelevanceDemoSize":
@@ -68,8 +81,9 @@ class RelevanceDemoSize:
         return cls() if name == "default" else getattr(cls, name)()
 
     def name(self) -> str:
-        return next((n for n in RELEVANCE_SIZES if RelevanceDemoSize.preset(n) == self),
-                    "custom")
+        """The preset this size is (whatever its output format), else ``"custom"``."""
+        return next((n for n in RELEVANCE_SIZES if replace(RelevanceDemoSize.preset(n),
+                     output_format=self.output_format) == self), "custom")
 
 
 def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None, seed: int = 0,
@@ -105,7 +119,8 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, DemoSize(hidden=size.hidden, layers=size.layers,
                                                 experts=size.experts), out / "student-init", seed)
-    task = Task("relevance", output_format="post_cot")
+    fmt = size.output_format
+    task = Task("relevance", output_format=fmt)
     dev = task.load(paths.dev)
     heldout = task.load(paths.heldout)[:size.eval_records]
     timings: dict[str, float] = {}
@@ -118,7 +133,7 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
         return row
 
     rows = [measure(student, "before training")]
-    common = dict(train_data=str(paths.train), task="relevance", output_format="post_cot")
+    common = dict(train_data=str(paths.train), task="relevance", output_format=fmt)
     run = (lambda name: RunConfig(seed=seed, progress=show, tensorboard=False,
                                   output_dir=str(out / name)))
     stage("CoT SFT", f"{size.teacher_k} teacher samples per query, judged (label and format); "
@@ -137,7 +152,7 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
     dpo_model = run_dpo(DPOConfig(
         model=str(sft_model), **common, beta=0.1, sft_weight=0.2, epochs=size.dpo_epochs,
         pairs_per_step=8, sampling=PassAtNConfig(n=size.pass_n, max_tokens=size.max_tokens),
-        optim=OptimConfig(lr=5e-4, warmup_steps=5, min_lr_ratio=0.1), run=run("dpo")), log=log)
+        optim=OptimConfig(lr=2e-4, warmup_steps=5, min_lr_ratio=0.1), run=run("dpo")), log=log)
     timings["dpo_s"] = time.perf_counter() - t
     rows.append(measure(dpo_model, "after pass@N DPO"))
     stage("difficulty-aware GRPO", f"{size.grpo_steps} steps × {size.prompts_per_step} queries "

@@ -14,8 +14,8 @@ __all__ = ["format_relevance_table", "plot_relevance_stages", "write_relevance_r
 
 
 def format_relevance_table(rows: list[dict]) -> str:
-    """Markdown: per stage the decoded label's accuracy and macro-F1, CumPT's (label first,
-    one forward; τ from the dev split), the likeliest label token's accuracy, tokens per
+    """Markdown: per stage the decoded label's accuracy and macro-F1, CumPT's (τ from the
+    dev split), the likeliest label token's accuracy, tokens per
     response, and the latency of reading the label first against decoding the full CoT."""
     lines = ["| model | decoded acc. | decoded macro-F1 | CumPT acc. | CumPT macro-F1 | τ | "
              "argmax acc. | format | tokens / response | label first | full CoT | speed-up |",
@@ -82,6 +82,7 @@ def write_relevance_report(out: Path, results: dict) -> list[Path]:
     write_text_atomic(written[0], json.dumps(results, indent=2) + "\n")
     plot = plot_relevance_stages(rows, out / "stages.png")
     size = results["size"]
+    post_cot = size.get("output_format", "post_cot") == "post_cot"
     records = results["records"]
     sections = [
         "# LiveThinking relevance demo (TaoSR1)", "",
@@ -90,11 +91,17 @@ def write_relevance_report(out: Path, results: dict) -> list[Path]:
         f"Queries: {records['train']} training, {records['dev']} dev (τ calibration), "
         f"{records['heldout']} held-out (dev and held-out products never appear in training); "
         f"total time {results['seconds']:.0f} s.", "",
-        "Decoded: the label parsed from a greedy answer (label first, then the reasoning). "
-        "CumPT: the label read from the first response token's distribution over the four "
-        "tiers in one forward — the highest tier k whose cumulative probability "
-        "p_k + … + p_4 reaches τ, with τ chosen on the dev split for macro-F1. Latency: "
-        "label first = time to first token; full CoT = TTFT + tokens × time per token.", "",
+        f"Format `{size.get('output_format', 'post_cot')}`: "
+        + ("the label first, then the reasoning (TaoSR1's deployed form). " if post_cot else
+           "the reasoning, then the label. ")
+        + "Decoded: the label parsed from a greedy answer. CumPT: the label read from the "
+        "label token's distribution over the four tiers — "
+        + ("the first response token, in one forward — " if post_cot else
+           "after the greedy reasoning — ")
+        + "the highest tier k whose cumulative probability p_k + … + p_4 reaches τ, with τ "
+        "chosen on the dev split for macro-F1. Latency: label first = time to first token "
+        "(what reading a label-first answer costs); full CoT = TTFT + tokens × time per "
+        "token.", "",
         "## Held-out queries", "", format_relevance_table(rows), ""]
     if plot is not None:
         sections += ["![the stages side by side](stages.png)", ""]
