@@ -89,3 +89,15 @@ def test_cot_needs_one_response_per_record(model, tokenizer):
         label_probabilities(model, tokenizer, task, RECORDS)
     with pytest.raises(ValueError, match="responses"):
         label_probabilities(model, tokenizer, task, RECORDS, responses=["<think>a</think>\n"])
+
+
+def test_evaluate_without_latency_probes(model, tokenizer):
+    from livethinking.train.common import evaluate
+    from livethinking.train.config import JudgeConfig
+
+    task = Task("relevance", output_format="cot")
+    kw = dict(max_tokens=6, prompt=task.prompt_ids)
+    timed = evaluate(model, tokenizer, RECORDS, task.judges(JudgeConfig()), **kw)
+    untimed = evaluate(model, tokenizer, RECORDS, task.judges(JudgeConfig()), probes=0, **kw)
+    assert timed.ttft_ms > 0 and untimed.ttft_ms == 0.0 and untimed.tpot_ms == 0.0
+    assert untimed.responses == timed.responses  # greedy: the same answers either way

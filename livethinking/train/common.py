@@ -110,10 +110,11 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_tokens: int,
-             system_prompt: str | None = None, probe_tokens: int = 16,
+             system_prompt: str | None = None, probe_tokens: int = 16, probes: int = 8,
              prompt=None) -> EvalResult:
     """Greedy answers to ``records`` through the engine, judged; TTFT and TPOT measured one
-    request at a time (up to 8 probes of ``probe_tokens`` tokens, end-of-sequence ignored)
+    request at a time (up to ``probes`` probes of ``probe_tokens`` tokens, end-of-sequence
+    ignored; ``probes=0``: none, TTFT and TPOT reported as 0)
     so they are the latency a single viewer sees: TTFT = first token − arrival, TPOT =
     (last token − first token) / (tokens − 1), medians over the probes. ``prompt``:
     ``(tokenizer, record) -> ids`` for records of another task (default: the livestream
@@ -131,7 +132,7 @@ def evaluate(model, tokenizer, records: list[LivestreamRecord], judges, *, max_t
     probe = SamplingParams(temperature=0.0, max_tokens=max(1, probe_tokens), logprobs=False,
                            ignore_eos=True)
     ttfts, tpots = [], []
-    for p in prompts[:8]:
+    for p in prompts[:max(0, probes)]:
         (out,) = llm.generate([p], probe)
         done, n = time.perf_counter(), len(out.outputs[0].token_ids)
         ttfts.append(out.ttft)

@@ -64,8 +64,8 @@ def measure_relevance_stage(path, label: str, tokenizer, task, dev, heldout, *,
     """A stage's row: ``accuracy`` / ``macro_f1`` of the decoded labels, ``format`` (the
     format judge's mean), ``tokens_per_response``, ``cumpt_tau``, ``cumpt_accuracy``,
     ``cumpt_macro_f1`` and ``argmax_accuracy`` (τ-free: the likeliest label token; cot
-    decodes the dev split too, for its reasoning); ``ttft_ms``, ``tpot_ms``, ``label_first_ms`` and ``full_cot_ms``; a few
-    example answers (the same records for every stage)."""
+    decodes the dev split too, for its reasoning); ``ttft_ms``, ``tpot_ms``,
+    ``label_first_ms`` and ``full_cot_ms``; a few example answers (the same records for every stage)."""
     from livethinking.model import CausalLM
     from livethinking.tasks.relevance import (accuracy, calibrate_tau, cumpt, macro_f1,
                                               parse_label)
@@ -95,7 +95,8 @@ def measure_relevance_stage(path, label: str, tokenizer, task, dev, heldout, *,
         dev_responses = None
         if not post_cot:  # the label follows the reasoning: decode the dev split's too
             dev_responses = evaluate(model, tokenizer, dev, task.judges(JudgeConfig()),
-                                     max_tokens=max_tokens, prompt=task.prompt_ids).responses
+                                     max_tokens=max_tokens, prompt=task.prompt_ids,
+                                     probes=0).responses  # no latency probes
         if bar is not None:
             bar.update(len(dev))
         dev_p = label_probabilities(model, tokenizer, task, dev, responses=dev_responses,
