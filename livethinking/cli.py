@@ -105,6 +105,8 @@ def _data_make_demo(args: argparse.Namespace) -> int:
 
     if args.task == "relevance":
         return _data_make_relevance(args)
+    if args.task == "shop":
+        return _data_make_shop(args)
     try:
         paths = make_demo(args.out, num_products=args.products,
                           questions_per_product=args.questions_per_product,
@@ -141,6 +143,23 @@ def _data_make_relevance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_make_shop(args: argparse.Namespace) -> int:
+    from livethinking.envs import make_shop_demo
+
+    try:
+        paths = make_shop_demo(args.out, num_families=args.families,
+                               heldout_families=args.heldout_families,
+                               tasks_per_family=args.shoppers_per_family, seed=args.seed)
+    except ValueError as e:
+        print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths.num_train} training shoppers, {paths.num_heldout} held-out shoppers "
+          f"of the same families and {paths.num_heldout_new} of unseen families to "
+          f"{paths.out_dir} (catalogue.jsonl, train.jsonl, heldout.jsonl, heldout_new.jsonl, "
+          f"expert.jsonl: the oracle's trajectories, corpus.txt)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from livethinking.train import DemoSize, run_demo
 
@@ -154,6 +173,14 @@ def _demo(args: argparse.Namespace) -> int:
             return 0
         if args.format != "cot":
             raise ValueError("--format post_cot is a relevance setting (--task relevance)")
+        if args.task == "shop":
+            from livethinking.train.shop_demo import ShopDemoSize, run_shop_demo
+
+            if args.size == "large":
+                raise ValueError("--task shop has the sizes quick and default")
+            run_shop_demo(args.out, size=ShopDemoSize.preset(args.size), seed=args.seed,
+                          threads=args.threads, quiet=args.quiet)
+            return 0
         run_demo(args.out, size=DemoSize.preset(args.size), seed=args.seed,
                  threads=args.threads, quiet=args.quiet,
                  teacher_active_params=args.teacher_active_params)
@@ -248,10 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run_command)
 
     demo = commands.add_parser("demo", help="the whole recipe on synthetic livestream data "
-                                            "(or TaoSR1's on relevance), on a CPU in minutes")
-    demo.add_argument("--task", choices=["livestream", "relevance"], default="livestream",
+                                            "(or TaoSR1's on relevance, or a shopping agent), "
+                                            "on a CPU in minutes")
+    demo.add_argument("--task", choices=["livestream", "relevance", "shop"],
+                      default="livestream",
                       help="livestream: RFT -> GRPO (LiveThinking); relevance: CoT SFT -> "
-                           "pass@N DPO -> difficulty-aware GRPO -> CumPT (TaoSR1)")
+                           "pass@N DPO -> difficulty-aware GRPO -> CumPT (TaoSR1); shop: a "
+                           "tool-using agent and a simulated shopper, SFT on expert "
+                           "trajectories -> multi-turn GRPO with per-turn credit")
     demo.add_argument("--format", choices=["cot", "post_cot"], default="cot",
                       help="relevance: the response format every stage trains and reads: cot "
                            "(reasoning, then label; what the tiny student learns) or post_cot "
@@ -271,16 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     demo.set_defaults(run=_demo)
 
-    data = commands.add_parser("data", help="synthetic data sets (livestream, relevance)")
+    data = commands.add_parser("data", help="synthetic data sets (livestream, relevance, shop)")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     make_demo = data_commands.add_parser("make-demo", help="write a synthetic set (livestream: "
                                                            "catalogue, train, held-out, RL, "
                                                            "tokenizer corpus; relevance: "
-                                                           "train, dev, held-out)")
+                                                           "train, dev, held-out; shop: a "
+                                                           "catalogue, shoppers, expert "
+                                                           "trajectories)")
     make_demo.add_argument("--out", required=True, help="output directory")
-    make_demo.add_argument("--task", choices=["livestream", "relevance"], default="livestream",
+    make_demo.add_argument("--task", choices=["livestream", "relevance", "shop"],
+                           default="livestream",
                            help="relevance: queries with graded 1-4 tiers, a CoT reference, "
-                                "train/dev/held-out splits (TaoSR1)")
+                                "train/dev/held-out splits (TaoSR1); shop: families of "
+                                "near-identical products, simulated shoppers with hidden "
+                                "preferences, the oracle agent's trajectories")
+    make_demo.add_argument("--families", type=int, default=120,
+                           help="shop: product families whose shoppers train")
+    make_demo.add_argument("--heldout-families", type=int, default=30,
+                           help="shop: product families whose shoppers are held out")
+    make_demo.add_argument("--shoppers-per-family", type=int, default=2,
+                           help="shop: training shoppers per family")
     make_demo.add_argument("--dev-fraction", type=float, default=0.1,
                            help="relevance: share of products kept for the dev split")
     make_demo.add_argument("--products", type=int, default=24, help="catalogue size")

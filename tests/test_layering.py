@@ -18,7 +18,8 @@ FLOORS = {  # first name under livethinking -> floor (ARCHITECTURE.md)
     "ops": 2, "model": 3, "engine": 4, "rollout": 5, "train": 6, "server": 6,
     "info": 7, "cli": 7, "__main__": 7,
 }
-SAME_FLOOR = {("rewards", "data"), ("rewards", "tasks"), ("tasks", "data"),  # floor-1 peers
+SAME_FLOOR = {("rewards", "data"), ("rewards", "tasks"), ("tasks", "data"),
+              ("envs", "tasks"), ("envs", "data"),  # floor-1 peers
               ("__main__", "cli"), ("cli", "info")}  # the command's own parts
 FORBIDDEN = [  # (importer, imported, the ARCHITECTURE.md line)
     ("kernels", "*", "a kernel file imports nothing of livethinking (it stays vendorable)"),

@@ -32,7 +32,8 @@ def test_readme_config_paths_exist():
     assert not missing, f"README's --config arguments name files that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("name", ["rft.yaml", "grpo.yaml", "dpo.yaml"])
+@pytest.mark.parametrize("name", ["rft.yaml", "grpo.yaml", "dpo.yaml", "agent_sft.yaml",
+                                  "agent_grpo.yaml"])
 def test_readme_names_each_shipped_config(name):
     assert f"configs/{name}" in README
 

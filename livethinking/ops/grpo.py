@@ -5,7 +5,9 @@ no N×V logits), old log-prob ``old`` (``None``: on-policy, old = logp detached)
 advantage A:
 
     l = logp − old              per token, or (GSPO, importance_sampling_level="sequence")
-                                the masked mean of l over the sequence, on each of its tokens
+                                the masked mean of l over the sequence, on each of its tokens,
+                                or (IPA, importance_sampling_level="chunk") the masked mean of
+                                l over the token's chunk c (chunk_ids): r_c = (Π_{t∈c} r_t)^(1/|c|)
     r = exp(l)
     loss_t = −min(min(r, δ)·A, clamp(r, 1 − ε_low, 1 + ε_high)·A)      (δ = ∞ unless given)
     cispo:  loss_t = −sg(min(r, 1 + ε_high))·A·logp      (MiniMax-M1's form: the cap is 1 + ε_high)
@@ -14,7 +16,17 @@ advantage A:
 
 aggregated over the completion mask: grpo (mean per sequence, then over sequences),
 bnpo (sum / masked tokens), dr_grpo (sum / (B · max_completion_length)), dapo and cispo
-(sum / num_items_in_batch, default the local masked-token count).
+(sum / num_items_in_batch, default the local masked-token count), chunk (IPA:
+Σ_c mean_{t∈c} loss_t / num_items_in_batch, default the local count of non-empty chunks).
+
+Chunks (IPA, "Interaction-Perceptive Agentic Policy Optimization" of ALE/ROME) are the
+semantic interaction units of a multi-turn trajectory: here one chunk is one model turn,
+named per token by ``chunk_ids`` (B, T) and local to its row. Implemented from IPA: the
+chunk-level importance ratio (geometric mean of the chunk's token ratios, clipped like GSPO's
+sequence ratio) and per-chunk loss normalisation. Left out: chunk-level value or reward
+shaping and discounting across chunks (advantages stay trajectory-level, from group
+normalisation), resampling or masking chunks by their ratio, and the backward scan for
+decisive interactions.
 
 CISPO's cap differs from TRL's: TRL's ``GRPOTrainer`` computes
 ``clamped_ratios = torch.clamp(coef_1, max=self.epsilon_high).detach()``, i.e. the cap is
@@ -34,13 +46,35 @@ from livethinking.ops.logprobs import fused_linear_logprobs
 
 __all__ = ["fused_linear_grpo_loss", "group_advantages", "LOSS_TYPES"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-IS_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "chunk")
+IS_LEVELS = ("token", "sequence", "chunk")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _chunk_index(chunk_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Dense chunk indices (B, T) long of the (row, chunk id) pairs at masked positions, in
+    [0, C) where the mask is 1 and C (a spare slot) where it is 0, and C, the number of
+    non-empty chunks. One host sync (C is data-dependent)."""
+    batch, length = chunk_ids.shape
+    keep = mask.reshape(-1) > 0
+    rows = torch.arange(batch, device=chunk_ids.device).repeat_interleave(length)  # (B·T,)
+    pairs = torch.stack([rows[keep], chunk_ids.reshape(-1)[keep].long()], dim=1)  # (N, 2)
+    if pairs.shape[0] == 0:
+        return torch.zeros(batch, length, dtype=torch.long, device=chunk_ids.device), 0
+    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    count = unique.shape[0]
+    index = torch.full((batch * length,), count, dtype=torch.long, device=chunk_ids.device)
+    index[keep] = inverse
+    return index.reshape(batch, length), count
+
+
+def _chunk_sums(values: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """Σ of values (B, T) over each chunk: (C + 1,), the last slot the unmasked positions'."""
+    return values.new_zeros(count + 1).index_add(0, index.reshape(-1), values.reshape(-1))
 
 
 def _kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -57,7 +91,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
                            beta=0.0, epsilon_low=0.2, epsilon_high=None, delta=None,
                            loss_type="dapo", importance_sampling_level="token",
                            max_completion_length=None, num_items_in_batch=None, kl_estimator="k3",
-                           rollout_is_weights=None):
+                           rollout_is_weights=None, chunk_ids=None):
     """GRPO-family policy loss (see the module docstring) of completions given as hidden
     states (B, T, H) under the lm_head ``weight`` (V, H) [+ ``bias``].
 
@@ -66,11 +100,26 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
     those rows cost no GEMM work, as ``fused_linear_logprobs`` says), ``entropy``, ``kl``,
     ``clip_ratio_low`` (r < 1 − ε_low, A < 0; always 0 for cispo, which clips above
     only), ``clip_ratio_high`` (r > 1 + ε_high, A > 0), ``clip_ratio_region`` (either) and
-    ``ratio`` (masked means).
+    ``ratio`` (masked means), and ``num_chunks`` (the local count of non-empty chunks) when
+    ``chunk_ids`` is given.
+
+    ``chunk_ids`` (B, T) integer: the chunk (model turn, IPA's interaction chunk) of every
+    completion token, read only where ``completion_mask`` is 1. Chunks are per row (id 0 of
+    row 0 and id 0 of row 1 differ), need not be contiguous (environment tokens between
+    turns are masked out) and their ids need not be consecutive. Needed by
+    ``importance_sampling_level="chunk"``: each token's log-ratio is the masked mean of
+    logp − old over its chunk (r_c, the geometric mean of the chunk's token ratios, with the
+    gradient through the mean as for "sequence"), then clipped with ε_low/ε_high (and
+    δ) as usual; and by ``loss_type="chunk"``: loss = Σ_c mean_{t∈c} loss_t / D, D =
+    ``num_items_in_batch`` (the global chunk count when the caller splits a batch into
+    microbatches) or else the local number of non-empty chunks (at least 1); an all-masked
+    row has no chunk. Advantages stay as given (trajectory-level): no per-chunk credit
+    shaping, discounting or chunk resampling (see the module docstring).
     """
     batch, length = _check(hidden, weight, targets, completion_mask, advantages, old_logprobs,
                            ref_logprobs, beta, epsilon_low, loss_type, importance_sampling_level,
-                           kl_estimator, rollout_is_weights, delta, max_completion_length)
+                           kl_estimator, rollout_is_weights, delta, max_completion_length,
+                           chunk_ids)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = completion_mask.to(torch.float32)
     logp, entropy = fused_linear_logprobs(
@@ -84,6 +133,12 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
     if importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1, keepdim=True)
                      / mask.sum(-1, keepdim=True).clamp(min=1)).expand(batch, length)
+    if chunk_ids is not None:
+        chunk_index, num_chunks = _chunk_index(chunk_ids, mask)  # (B, T) in [0, C], C
+        chunk_tokens = _chunk_sums(mask, chunk_index, num_chunks).clamp(min=1)  # (C + 1,)
+    if importance_sampling_level == "chunk":  # each token gets its chunk's mean log-ratio
+        log_ratio = (_chunk_sums(log_ratio * mask, chunk_index, num_chunks)
+                     / chunk_tokens)[chunk_index]  # (B, T)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     if loss_type == "cispo":
@@ -107,6 +162,11 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
         loss = masked_sum / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         loss = masked_sum / (batch * (max_completion_length or length))
+    elif loss_type == "chunk":
+        chunk_means = _chunk_sums(per_token * mask, chunk_index, num_chunks)[:num_chunks] \
+            / chunk_tokens[:num_chunks]  # (C,)
+        denominator = max(num_chunks, 1) if num_items_in_batch is None else num_items_in_batch
+        loss = chunk_means.sum() / denominator
     else:  # dapo, cispo
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = masked_sum / denominator
@@ -125,12 +185,14 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
             "clip_ratio_region": _masked_mean((low | high).float(), mask),
             "ratio": _masked_mean(ratio.detach(), mask),
         }
+        if chunk_ids is not None:
+            stats["num_chunks"] = torch.tensor(float(num_chunks), device=mask.device)
     return loss, stats
 
 
 def _check(hidden, weight, targets, completion_mask, advantages, old_logprobs, ref_logprobs, beta,
            epsilon_low, loss_type, importance_sampling_level, kl_estimator, rollout_is_weights,
-           delta, max_completion_length) -> tuple[int, int]:
+           delta, max_completion_length, chunk_ids) -> tuple[int, int]:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be a 3-D tensor (B, T, H), got "
                          f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
@@ -161,6 +223,22 @@ def _check(hidden, weight, targets, completion_mask, advantages, old_logprobs, r
         raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {delta}")
     if max_completion_length is not None and max_completion_length < 1:
         raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    if chunk_ids is None:
+        if importance_sampling_level == "chunk":
+            raise ValueError("importance_sampling_level='chunk' needs chunk_ids (B, T): the "
+                             "chunk (model turn) of every completion token")
+        if loss_type == "chunk":
+            raise ValueError("loss_type='chunk' needs chunk_ids (B, T): the chunk (model turn) "
+                             "of every completion token")
+    else:
+        if not isinstance(chunk_ids, torch.Tensor):
+            raise ValueError(f"chunk_ids must be a (B, T) integer tensor, "
+                             f"got {type(chunk_ids).__name__}")
+        if tuple(chunk_ids.shape) != tuple(completion_mask.shape):
+            raise ValueError(f"chunk_ids must have shape {tuple(completion_mask.shape)} like "
+                             f"completion_mask's, got {tuple(chunk_ids.shape)}")
+        if chunk_ids.is_floating_point() or chunk_ids.is_complex() or chunk_ids.dtype == torch.bool:
+            raise ValueError(f"chunk_ids must have an integer dtype, got {chunk_ids.dtype}")
     return batch, length
 
 

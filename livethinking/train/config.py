@@ -272,6 +272,12 @@ class LossConfig:
     sampled (the in-process engine, or ``livethinking`` / ``sglang`` servers started with
     ``--enable-return-routed-experts``); ``none``: each forward routes afresh.
 
+    ``credit`` (multi-turn agents, ``livethinking.train.agent``): ``token`` trains whole
+    trajectories with the token-level loss above; ``chunk`` is IPA-style interaction-chunk
+    credit: each model turn has its own importance ratio (the geometric mean of its token
+    ratios, clipped like GSPO's) and the loss is normalised per turn (``loss_type`` and
+    ``importance_sampling_level`` are then both ``chunk``; single-turn GRPO rejects it).
+
     ``reference_offload`` (β > 0): the reference model lives in CPU memory and visits the
     device one decoder layer at a time (one process: `offload_layers`; under torchrun its
     FSDP2 shards with ``CPUOffloadPolicy``); the log-probs are the same, slower.
@@ -287,6 +293,7 @@ class LossConfig:
     advantage_scale: Literal["group", "batch", "none"] = "group"
     routing_replay: Literal["none", "old", "rollout"] = "none"
     reference_offload: bool = False
+    credit: Literal["token", "chunk"] = "token"
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.epsilon_low < 0:
@@ -348,6 +355,10 @@ class GRPOConfig:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"updates_per_batch ({self.updates_per_batch})")
         _check_eval(self.eval_data, self.run)
+        if self.loss.credit != "token":
+            raise ValueError("loss.credit chunk is for multi-turn trajectories (a model turn is a "
+                             "chunk); single-turn GRPO has one chunk per completion: use "
+                             "loss.importance_sampling_level: sequence (GSPO)")
         if self.loss.routing_replay == "rollout" and (
                 self.rollout.source == "openai" or self.rollout.server_kind == "vllm"):
             raise ValueError("loss.routing_replay rollout (R3) needs the sampler's routes: "

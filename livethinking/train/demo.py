@@ -100,10 +100,11 @@ _KEY_PRETOKENS = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+:?| ?\p{N}+| ?[^\s\p{L}\p{N}
                   r"\s+")
 
 
-def build_tokenizer(corpus: Path, out_dir: Path):
+def build_tokenizer(corpus: Path, out_dir: Path, *, extra_tokens: tuple[str, ...] = ()):
     """Byte-level BPE trained on the demo corpus (exact text round trip), ChatML template,
-    <think> and </think> as single ordinary tokens, eos = <|im_end|>; a ``word:`` (a
-    document's key) is one pre-token."""
+    <think> and </think> (and ``extra_tokens``, e.g. Qwen3's <tool_call> and </tool_call>)
+    as single ordinary tokens, eos = <|im_end|>; a ``word:`` (a document's key) is one
+    pre-token."""
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -119,7 +120,7 @@ def build_tokenizer(corpus: Path, out_dir: Path):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:])
-    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.add_tokens(["<think>", "</think>", *extra_tokens])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return transformers.AutoTokenizer.from_pretrained(out_dir)
@@ -249,6 +250,20 @@ class _Banner:
     def __call__(self, name: str, what: str) -> None:
         self.index += 1
         self.log(f"[{self.index}/{self.total}] {name}: {what}")
+
+
+def open_demo(out, label: str, size, *, stages: int, quiet: bool, threads: int | None,
+              log=print):
+    """What every demo does first: make ``out``, silence ``log`` when ``quiet``, set the
+    torch threads, print the size's knobs; returns (out Path, log, the stage banner)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *_: None) if quiet else log
+    if threads:
+        torch.set_num_threads(threads)
+    log(f"demo ({label}): size {size.name()}: " + ", ".join(
+        f"{k}={v}" for k, v in asdict(size).items()))
+    return out, log, _Banner(log, total=stages)
 
 
 def _report(out: Path, size: DemoSize, rows: list[dict], rft, tokenizer, heldout, student,

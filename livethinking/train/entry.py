@@ -1,7 +1,8 @@
-"""The trainer's command line: ``python -m livethinking.train rft|grpo|dpo --config FILE
-[--resume] [key=value ...]`` (e.g. under torchrun).
+"""The trainer's command line: ``python -m livethinking.train
+rft|grpo|dpo|agent-sft|agent-grpo --config FILE [--resume] [key=value ...]`` (e.g. under
+torchrun; the agent commands run in one process).
 
-The ``livethinking rft|grpo|dpo`` subcommands are these same parsers and runner, borrowed by
+The ``livethinking rft|grpo|dpo|agent-sft|agent-grpo`` subcommands are these same parsers and runner, borrowed by
 ``livethinking.cli``; the trainer never imports the command that sits on top of it.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from livethinking.train.agent import run_agent_grpo, run_agent_sft
+from livethinking.train.agent_config import AgentGRPOConfig, AgentSFTConfig
 from livethinking.train.config import DPOConfig, GRPOConfig, RFTConfig
 from livethinking.train.config_io import ConfigError, load_config
 from livethinking.train.dpo import run_dpo
@@ -23,9 +26,13 @@ COMMANDS: dict[str, str] = {  # subcommand -> its one-line help
     "grpo": "group-relative policy optimisation with correctness, helpfulness and length "
             "rewards",
     "dpo": "direct preference optimisation on pairs from a file or by pass@N sampling",
+    "agent-sft": "SFT of a tool-using agent on expert multi-turn trajectories",
+    "agent-grpo": "GRPO of a tool-using agent on trajectories it plays in an environment "
+                  "(token or per-turn chunk credit)",
 }
 RUNNERS = {"rft": (RFTConfig, run_rft), "grpo": (GRPOConfig, run_grpo),
-           "dpo": (DPOConfig, run_dpo)}
+           "dpo": (DPOConfig, run_dpo), "agent-sft": (AgentSFTConfig, run_agent_sft),
+           "agent-grpo": (AgentGRPOConfig, run_agent_grpo)}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +45,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``args.command`` ("rft", "grpo" or "dpo") from ``args.config`` plus
+    """Run ``args.command`` (a key of ``COMMANDS``) from ``args.config`` plus
     ``args.overrides``; 0 when the final model is written, 2 (with the reason on stderr)
     for a bad config."""
     cls, run = RUNNERS[args.command]
@@ -53,8 +60,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = "python -m livethinking.train") -> argparse.ArgumentParser:
-    """``rft``, ``grpo`` and ``dpo``, each with :func:`add_run_arguments`."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train with RFT, GRPO or DPO.")
+    """Every command of ``COMMANDS``, each with :func:`add_run_arguments`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train with RFT, GRPO, DPO, or an agent's "
+                                                         "SFT and GRPO.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in COMMANDS.items():
         add_run_arguments(commands.add_parser(name, help=text))

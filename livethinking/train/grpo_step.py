@@ -30,12 +30,16 @@ class GRPOBatch:
     sampler_logprobs: torch.Tensor | None  # (N, Tc) float32 from the sampler, when all had them
     loss_positions: torch.Tensor  # (N, T) float: 1 at the positions predicting a completion token
     routed_experts: torch.Tensor | None = None  # (N, T, MoE layers, k) int32: to replay
+    # (N, Tc) long: a multi-turn row's model turn per completion token (−1: environment);
+    # the mask is then 0 between turns
+    chunk_ids: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "GRPOBatch":
         pick = (lambda t: None if t is None else t[index])
         return GRPOBatch(self.input_ids[index], self.window[index], self.targets[index],
                          self.mask[index], pick(self.sampler_logprobs),
-                         self.loss_positions[index], pick(self.routed_experts))
+                         self.loss_positions[index], pick(self.routed_experts),
+                         pick(self.chunk_ids))
 
 
 def build_batch(rollouts: list[Rollout], device: torch.device) -> GRPOBatch:
@@ -142,8 +146,10 @@ def micro_loss_scale(loss_type: str, rows: int, tokens: float, total_rows: int,
 
 def trim(batch: GRPOBatch) -> GRPOBatch:
     """``batch`` without the padding columns beyond its longest row (prompt + completion)
-    and its longest completion."""
-    completions = batch.mask.sum(-1).long()  # (N,)
+    and its longest completion (a completion ends at its last masked token: multi-turn
+    rows have unmasked environment tokens inside)."""
+    index = torch.arange(1, batch.mask.shape[1] + 1, device=batch.mask.device)
+    completions = ((batch.mask > 0) * index).amax(-1).long()  # (N,)
     lengths = batch.window[:, 0] + 1 + completions  # prompt + completion per row
     steps = min(max(1, int(lengths.max())), batch.input_ids.shape[1])
     comp = max(1, int(completions.max()))
@@ -151,7 +157,7 @@ def trim(batch: GRPOBatch) -> GRPOBatch:
     return GRPOBatch(batch.input_ids[:, :steps], batch.window[:, :comp].clamp(max=steps - 1),
                      batch.targets[:, :comp], batch.mask[:, :comp],
                      cut(batch.sampler_logprobs, comp), batch.loss_positions[:, :steps],
-                     cut(batch.routed_experts, steps))
+                     cut(batch.routed_experts, steps), cut(batch.chunk_ids, comp))
 
 
 def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
@@ -164,18 +170,26 @@ def policy_loss_backward(model, batch: GRPOBatch, advantages: torch.Tensor, *,
     positions, ``loss_positions``: no prompt, no padding) on one minibatch (or one
     microbatch of it: the policy loss is multiplied by ``loss_scale`` and the balance loss
     by ``aux_scale`` before the backward, and ``loss`` is the scaled value). With
+    ``loss.credit == "chunk"`` the ratio and the normalisation are per model turn
+    (``batch.chunk_ids``: importance_sampling_level and loss_type "chunk"). With
     ``batch.routed_experts`` the forward replays those experts, and
     ``router_disagreement`` is the fraction of (loss position, MoE layer) pairs whose own
     top-k set differs from the replayed one (``router_disagreement/{i}`` per layer)."""
+    loss_type, level = loss.loss_type, loss.importance_sampling_level
+    if loss.credit == "chunk":
+        if batch.chunk_ids is None:
+            raise ValueError("loss.credit chunk needs multi-turn rows (batch.chunk_ids)")
+        loss_type = level = "chunk"
+
     def head(hidden, weight):
         return ops.fused_linear_grpo_loss(
             _window(hidden, batch), weight, batch.targets, batch.mask, advantages,
             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, temperature=temperature,
             beta=loss.beta, epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high,
-            delta=loss.delta, loss_type=loss.loss_type,
-            importance_sampling_level=loss.importance_sampling_level,
+            delta=loss.delta, loss_type=loss_type, importance_sampling_level=level,
             max_completion_length=max_completion_length, kl_estimator=loss.kl_estimator,
-            rollout_is_weights=rollout_is_weights, num_items_in_batch=num_items_in_batch)
+            rollout_is_weights=rollout_is_weights, num_items_in_batch=num_items_in_batch,
+            chunk_ids=batch.chunk_ids)
 
     out = model.forward_hidden(batch.input_ids, head=head, token_mask=batch.loss_positions,
                                routed_experts=batch.routed_experts)

@@ -27,8 +27,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 __all__ = ["RelevanceDemoSize", "run_relevance_demo"]
 
 RELEVANCE_SIZES = ("quick", "default", "large")
@@ -94,7 +92,7 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
     from livethinking.train.config import (DifficultyConfig, DPOConfig, GRPOConfig, LossConfig,
                                            OptimConfig, PassAtNConfig, RewardConfig, RFTConfig,
                                            RolloutConfig, RunConfig, TeacherConfig)
-    from livethinking.train.demo import _Banner, DemoSize, build_student, build_tokenizer
+    from livethinking.train.demo import DemoSize, build_student, build_tokenizer, open_demo
     from livethinking.train.dpo import ACCURACY_FILE, run_dpo
     from livethinking.train.grpo import run_grpo
     from livethinking.train.relevance_measure import measure_relevance_stage
@@ -102,16 +100,10 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
     from livethinking.train.tasks import Task
 
     size = size or RelevanceDemoSize()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     show = not quiet
-    log = log if show else (lambda *_: None)
-    if threads:
-        torch.set_num_threads(threads)
     began = time.perf_counter()
-    stage = _Banner(log, total=5)
-    log(f"demo (relevance): size {size.name()}: " + ", ".join(
-        f"{k}={v}" for k, v in asdict(size).items()))
+    out, log, stage = open_demo(out, "relevance", size, stages=5, quiet=quiet,
+                                threads=threads, log=log)
     stage("data", f"{size.products} products × {size.queries_per_product} queries with graded "
                   f"relevance, a BPE tokenizer, a random {size.layers}-layer student")
     paths = make_relevance_demo(out / "data", num_products=size.products,

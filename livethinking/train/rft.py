@@ -25,7 +25,7 @@ from pathlib import Path
 
 from livethinking.data import load_texts, write_text_atomic
 from livethinking.train.common import response_ids
-from livethinking.train.config import RFTConfig
+from livethinking.train.config import JudgeConfig, RFTConfig
 from livethinking.train.distributed import all_reduce_sum, broadcast_from_main
 from livethinking.train.loop import TrainingRun, run_training
 from livethinking.train.packing import pack_examples
@@ -84,7 +84,7 @@ class RFTTrainer:
 
     def __init__(self, config: RFTConfig) -> None:
         self.config = config
-        self.judge = config.judge
+        self.judge = getattr(config, "judge", None) or JudgeConfig()  # agent SFT has none
         self.run: TrainingRun | None = None
         self.rows: list = []
         self.steps_per_epoch = 1
