@@ -74,6 +74,18 @@ class EngineStats:
     prefill_tokens: int  # prompt tokens actually computed (cache hits excluded)
     decode_tokens: int
     num_preemptions: int
+    # decode-only steps: their wall time in ``step()`` and the part inside the model runner
+    # (forward + sampling); the rest is the engine's host work (scheduling, appending,
+    # detokenising, building outputs)
+    decode_steps: int = 0
+    decode_step_seconds: float = 0.0
+    decode_model_seconds: float = 0.0
+
+    @property
+    def decode_host_us_per_token(self) -> float:
+        """Host time outside the model runner per decode step per sequence, µs."""
+        host = self.decode_step_seconds - self.decode_model_seconds
+        return 1e6 * host / max(self.decode_tokens, 1)
 
     @property
     def kv_blocks_used(self) -> int:

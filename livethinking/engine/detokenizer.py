@@ -4,7 +4,9 @@ Decoding a growing id list one token at a time can split a multi-byte character 
 word-piece; the text of ``ids[prefix:]`` minus that of ``ids[prefix:read]`` gives the
 new characters once they no longer end in U+FFFD. While a request with stop strings is
 running, the last ``max(len(stop)) - 1`` characters are held back, so a streamed text is
-never taken back when a stop string completes.
+never taken back when a stop string completes. With ``incremental=False`` (a request
+nobody streams and no stop string to watch for) tokens are only collected, and the text is
+decoded once, when asked for.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ __all__ = ["IncrementalDetokenizer"]
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer, stop: list[str], *, incremental: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.incremental = incremental or bool(stop)
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.prefix = 0
@@ -33,6 +36,8 @@ class IncrementalDetokenizer:
         if self.tokenizer is None or self.stopped:
             return False
         self.ids.append(token_id)
+        if not self.incremental:
+            return False
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -49,6 +54,10 @@ class IncrementalDetokenizer:
 
     def visible(self, finished: bool) -> str:
         """The text safe to show: all of it when finished, else minus the hold-back."""
+        if not self.incremental:
+            if self.tokenizer is not None and self.read < len(self.ids):  # decode once
+                self.text, self.read = self._decode(self.ids), len(self.ids)
+            return self.text
         if finished or not self.holdback:
             return self.text
         return self.text[:max(0, len(self.text) - self.holdback)]

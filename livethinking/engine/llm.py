@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -73,7 +74,8 @@ class LLM:
         Any number of prompts: every prompt and params is validated first (an error adds
         nothing), then they are fed in waves, as many as the engine admits
         (``max_waiting``), more after each step as room frees. Seeded and greedy outputs
-        equal generating each prompt alone. On any error or interrupt the requests this
+        equal generating each prompt alone. Nobody streams here: every request runs with
+        ``output_kind="final_only"`` (reported once, its text decoded once). On any error or interrupt the requests this
         call added are aborted, so the engine is left as it was found.
         """
         if _is_single_prompt(prompts):
@@ -84,6 +86,9 @@ class LLM:
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        final = {}  # one final_only copy per distinct params object
+        params = [final.setdefault(id(p), replace(p, output_kind="final_only"))
+                  if isinstance(p, SamplingParams) else p for p in params]
         checked = [self._validate(i, prompt, p) for i, (prompt, p) in
                    enumerate(zip(prompts, params))]  # token ids, each prompt
         order = [f"generate-{next(self._ids)}" for _ in checked]

@@ -70,6 +70,9 @@ class LLMEngine:
         self._weights_version = self._weight_version()
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.decode_steps = 0
+        self.decode_step_seconds = 0.0
+        self.decode_model_seconds = 0.0
         self.runner.capture_cuda_graphs()
 
     # ------------------------------------------------------------------ requests
@@ -92,7 +95,8 @@ class LLMEngine:
         for i in range(params.n):
             request.seqs.append(Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids),
                                          params, _generator(params.seed, i, device)))
-            request.detokenizers.append(IncrementalDetokenizer(self.tokenizer, params.stop))
+            request.detokenizers.append(IncrementalDetokenizer(
+                self.tokenizer, params.stop, incremental=params.output_kind == "cumulative"))
         request.seqs[0].needs_fork = params.n > 1
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -208,15 +212,19 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_blocks, kv_blocks_free=self.blocks.num_free,
             prefix_cache_queried_tokens=self.blocks.queried_tokens,
             prefix_cache_hit_tokens=self.blocks.hit_tokens, prefill_tokens=self.prefill_tokens,
-            decode_tokens=self.decode_tokens, num_preemptions=self.scheduler.num_preemptions)
+            decode_tokens=self.decode_tokens, num_preemptions=self.scheduler.num_preemptions,
+            decode_steps=self.decode_steps, decode_step_seconds=self.decode_step_seconds,
+            decode_model_seconds=self.decode_model_seconds)
 
     # ------------------------------------------------------------------ stepping
     def _weight_version(self) -> int:
         return sum(p._version for p in self._params)
 
     def step(self) -> list[RequestOutput]:
-        """One forward over a scheduled batch; outputs of the requests that advanced."""
+        """One forward over a scheduled batch; outputs of the requests that advanced
+        (``final_only`` requests: only the step that finished them)."""
         self._check_awake()
+        began = time.perf_counter()
         version = self._weight_version()
         if version != self._weights_version:
             self._weights_version = version
@@ -234,14 +242,21 @@ class LLMEngine:
                 seqs = self.requests[chunk.seq.request_id].seqs if chunk.seq.needs_fork \
                     else [chunk.seq]
                 draws += [Draw(row, s.params, s.generator) for s in seqs]
+        model_began = time.perf_counter()
         tokens, logprobs = self.runner.execute(chunks, draws)
+        model_seconds = time.perf_counter() - model_began
         decoding = all(c.seq.status is SequenceStatus.RUNNING for c in chunks)
         if decoding:
             self.decode_tokens += len(chunks)
         else:
             self.prefill_tokens += sum(c.num_tokens for c in chunks)
         self.scheduler.after_step(chunks)
-        return self._process(completing, iter(zip(tokens, logprobs)))
+        outputs = self._process(completing, iter(zip(tokens, logprobs)))
+        if decoding:
+            self.decode_steps += 1
+            self.decode_model_seconds += model_seconds
+            self.decode_step_seconds += time.perf_counter() - began
+        return outputs
 
     def _process(self, completing: list[Chunk], drawn) -> list[RequestOutput]:
         """Append the drawn tokens of the chunks that reached their sequence's end."""
@@ -259,10 +274,13 @@ class LLMEngine:
                     self._append(request, seq, token, logprob, now)
             else:
                 self._append(request, chunk.seq, *next(drawn), now)
-        outputs = [self._output(r) for r in touched.values()]
-        for output in outputs:
-            if output.finished:
-                del self.requests[output.request_id]
+        outputs = []
+        for request in touched.values():  # final_only: reported once, when finished
+            done = all(seq.is_finished for seq in request.seqs)
+            if done or request.params.output_kind == "cumulative":
+                outputs.append(self._output(request))
+            if done:
+                del self.requests[request.request_id]
         return outputs
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:

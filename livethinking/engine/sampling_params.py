@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_SEED", "MAX_TOP_K", "MIN_SEED", "SamplingParams"]
+__all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_SEED", "MAX_TOP_K", "MIN_SEED", "OUTPUT_KINDS",
+           "SamplingParams"]
 
 GREEDY_TEMPERATURE_EPS = 1e-5  # below it sampling is greedy (vLLM's _SAMPLING_EPS)
 MAX_TOP_K = 2**31 - 1  # top_k beyond the vocabulary keeps every token; int32 bounds it
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # int64, as vLLM's protocol bounds seed
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 def _is_int(value) -> bool:
@@ -39,6 +41,11 @@ class SamplingParams:
     ``return_routed_experts`` (MoE; the engine needs ``enable_return_routed_experts``):
     each finished sample reports the experts every MoE layer chose for each of its tokens
     but the last, (prompt + output − 1, MoE layers, top_k) int16.
+
+    ``output_kind`` (vLLM's ``RequestOutputKind``): ``cumulative`` reports the request after
+    every step that advanced it (streaming); ``final_only`` once, when it finished, and
+    its text is decoded once then rather than token by token (unless ``stop`` strings must
+    be watched for). ``LLM.generate`` and the trajectory rollouts ask for ``final_only``.
     """
 
     n: int = 1
@@ -52,6 +59,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = True
     return_routed_experts: bool = False
+    output_kind: str = "cumulative"  # or "final_only"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +89,9 @@ class SamplingParams:
                              f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
+                             f"{self.output_kind!r}")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
 

@@ -186,7 +186,7 @@ def run_trajectories(llm, renderer: TurnRenderer, envs: list, tasks: list,
             budget = min(config.max_turn_tokens, limit - len(prompt))
             params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                                     top_k=config.top_k, max_tokens=budget,
-                                    seed=run.seed * 1009 + turn,
+                                    seed=run.seed * 1009 + turn, output_kind="final_only",
                                     return_routed_experts=config.return_routed_experts)
             request_id = f"trajectory-{id(runs)}-{counter}"
             counter += 1
