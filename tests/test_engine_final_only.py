@@ -6,20 +6,12 @@ import pytest
 from livethinking.engine import LLM, SamplingParams
 from livethinking.model import CausalLM
 
-CORPUS = ["the red box is on the blue table", "a green ball rolls under the old chair",
-          "Sure! It costs 29 dollars and ships in 2 days."] * 20
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from livethinking.train.demo import DemoSize, build_student, build_tokenizer
+def tiny(tiny_checkpoint):
+    from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("final-only")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n")
-    tokenizer = build_tokenizer(corpus, root / "tok")
-    path = build_student(tokenizer, DemoSize(hidden=32, layers=2, experts=4), root / "m", 0)
-    return CausalLM.from_pretrained(path).eval(), tokenizer
+    return (CausalLM.from_pretrained(tiny_checkpoint).eval(),
+            AutoTokenizer.from_pretrained(tiny_checkpoint))
 
 
 class CountingTokenizer:
