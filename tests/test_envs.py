@@ -279,3 +279,16 @@ def test_the_demo_shop_and_the_oracle(tmp_path):
     assert again.train.read_text() == paths.train.read_text()  # deterministic
     assert oracle_action(train[0], [{"role": "user", "content": "hi"}]).startswith(
         '<tool_call>{"name": "search"')
+
+
+def test_an_environment_must_implement_reset_and_step():
+    from livethinking.envs import Environment
+
+    class Half(Environment):
+        def reset(self, task):
+            return []
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+    with pytest.raises(NotImplementedError, match="does not load tasks"):
+        _Counter.load_tasks("tasks.jsonl")

@@ -11,6 +11,7 @@ matching method; a bad call (unparseable JSON, unknown tool, wrong arguments) be
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from livethinking.envs.tools import (ToolCallError, ToolSpec, check_arguments,
@@ -27,7 +28,7 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
-class Environment:
+class Environment(ABC):
     """The interface the trajectory rollout drives (subclass it, or duck-type it)."""
 
     @classmethod
@@ -39,13 +40,13 @@ class Environment:
         """The OpenAI function schemas of the tools the model may call (may be empty)."""
         return []
 
+    @abstractmethod
     def reset(self, task) -> list[dict[str, str]]:
         """Start an episode on ``task``; the opening messages."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, action_text: str) -> StepResult:
         """Apply the model's turn (its whole reply text)."""
-        raise NotImplementedError
 
 
 class ToolEnvironment(Environment):
