@@ -172,3 +172,20 @@ def test_the_shipped_agent_configs_load():
     assert grpo.loss.credit == "chunk" and grpo.env.name == "shop" and grpo.steps == 3
     sft = load_config(AgentSFTConfig, root / "agent_sft.yaml", [])
     assert sft.env.config["catalogue"].endswith("catalogue.jsonl")
+
+
+def test_routing_replay_uses_the_engines_experts_aligned_with_the_rows(shop, tmp_path):
+    """R3 for agents: the last turn's routes cover every earlier token; at the sampler's
+    own weights the replayed experts are the router's own at every loss position (a
+    misaligned row would disagree on most of them)."""
+    config = AgentGRPOConfig(model=str(shop.student), train_data=str(shop.paths.train),
+                             env=shop.env, steps=1, tasks_per_step=2, group_size=2,
+                             dynamic_sampling=False, loss=LossConfig(routing_replay="rollout"),
+                             trajectory=TrajectoryConfig(max_turns=3, max_turn_tokens=12,
+                                                         max_total_tokens=400),
+                             optim=OptimConfig(lr=1e-3),
+                             run=RunConfig(output_dir=str(tmp_path / "r3"), progress=False,
+                                           tensorboard=False, plots=False))
+    run_agent_grpo(config, log=lambda *_: None)
+    metrics = json.loads((tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["router_disagreement"] < 0.02
