@@ -105,6 +105,7 @@ def extension():
     csrc = os.path.join("csrc")
     sources = [
         os.path.join(csrc, "cpu", "moe_routing_cpu.cpp"),
+        os.path.join(csrc, "cpu", "paged_attention_cpu.cpp"),
         os.path.join(csrc, "torch", "torch_bindings.cpp"),
         os.path.join(csrc, "torch", "python_module.cpp"),
     ]

@@ -97,7 +97,7 @@ def bench(name: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
     tokenizer = transformers.PreTrainedTokenizerFast(  # a real detokeniser's cost: byte BPE
         tokenizer_object=_byte_bpe(model.config.vocab_size))
     llm = LLM(model, tokenizer, max_num_seqs=max(64, batch), enable_prefix_caching=False)
-    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, logprobs=False)
     prompts = ids.tolist()
     with torch.no_grad():
         ours = _best(lambda: llm.generate(prompts, params), repeats)

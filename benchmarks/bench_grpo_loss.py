@@ -6,7 +6,7 @@
 GPU: N tokens = B completions × T = 1024, each masked after a random length in [0.8·T, T]; H = 4096, V =
 151936; bf16 hidden ~ N(0, 1), lm_head ~ N(0, 0.02²); old log-probs = the current ones + N(0, 0.1²);
 DAPO, ε = (0.2, 0.28), β = 0. Ours: livethinking.ops.fused_linear_grpo_loss. Peers: naive (bf16 logits →
-.float() → log_softmax → gather → dapo_loss), liger (LigerFusedLinearGRPOLoss, compiled; its forward
+.float() → log_softmax → gather → dapo_loss), liger (LigerFusedLinearGRPOLoss, compiled on CUDA; its forward
 runs the backward too), gemm (the floor, over all N rows: hidden @ Wᵀ, then dZ @ W and dZᵀ @ hidden for
 a random dZ; fwd+bwd timed as two halves in script mode so that the (N, V) output and dZ never coexist).
 Mode logp: fused_linear_logprobs under no_grad against the one GEMM. x_gemm = time / the floor's.
@@ -123,7 +123,7 @@ def build(impl, case):
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         except Exception as exc:  # noqa: BLE001
             raise Unavailable(f"liger_kernel not importable: {exc!r}") from exc
-        module = LigerFusedLinearGRPOLoss(beta=0.0, compiled=True, use_ref_model=False, loss_type="dapo",
+        module = LigerFusedLinearGRPOLoss(beta=0.0, compiled=x.is_cuda, use_ref_model=False, loss_type="dapo",
                                           epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
         mask_f = mask.float()
         forward = lambda: module(x, w, targets, mask_f, adv, old_per_token_logps=old)[0]  # noqa: E731

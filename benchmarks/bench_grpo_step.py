@@ -17,8 +17,11 @@ coefficient (0.01). Ours: dynamic sampling off. TRL: per_device_train_batch_size
 gradient accumulation 1, generation_batch_size = P·G.
 
 Measured: wall time of each step (ours: ``rollout_s + train_s`` from metrics.jsonl; TRL: a
-TrainerCallback from on_step_begin to on_step_end), split into generation (+ reward scoring:
-ours ``rollout_s``; TRL ``_generate_and_score_completions``) and training (the rest);
+TrainerCallback from on_step_begin to on_step_end), split into generation (ours
+``generate_s``; TRL ``_generate_and_score_completions`` less the two below), reward scoring
+(ours ``reward_s``; TRL ``_calculate_rewards``), old log-probs (TRL's
+``_get_per_token_logps_and_entropies`` inside the scoring, which this on-policy setup skips
+on both sides: 0) and training (the rest);
 completion tokens per step (EOS included on both sides). Step 1 is a warm-up and is left out;
 the table gives medians of the others. tokens/s = completion tokens / step time.
 
@@ -45,7 +48,8 @@ import torch
 from harness import run_header
 
 COLUMNS = ["side", "device", "threads", "steps", "prompts", "group", "max_tokens", "step_s",
-           "gen_s", "train_s", "completion_tokens", "tokens_per_s", "gen_tokens_per_s"]
+           "gen_s", "reward_s", "old_logp_s", "train_s", "completion_tokens", "tokens_per_s",
+           "gen_tokens_per_s"]
 
 
 def make_reward(l_ref: float):
@@ -62,6 +66,7 @@ def summarise(side: str, steps: list[dict]) -> dict:
     timed = steps[1:] or steps
     med = (lambda key: statistics.median(s[key] for s in timed))
     return {"side": side, "step_s": med("step_s"), "gen_s": med("gen_s"),
+            "reward_s": med("reward_s"), "old_logp_s": med("old_logp_s"),
             "train_s": med("train_s"), "completion_tokens": med("tokens"),
             "tokens_per_s": statistics.median(s["tokens"] / s["step_s"] for s in timed),
             "gen_tokens_per_s": statistics.median(s["tokens"] / s["gen_s"] for s in timed)}
@@ -87,8 +92,10 @@ def run_ours(args, model_dir: Path, train: Path, out: Path) -> list[dict]:
     run_grpo(config, log=lambda *a: None)
     rows = read_metrics(out / "metrics.jsonl")
     n = args.prompts * args.group
-    return [{"step_s": r["rollout_s"] + r["train_s"], "gen_s": r["rollout_s"],
-             "train_s": r["train_s"], "tokens": r["response_tokens"] * n} for r in rows]
+    # on-policy: no old-log-prob pass (the loss detaches the current log-probs)
+    return [{"step_s": r["rollout_s"] + r["train_s"], "gen_s": r["generate_s"],
+             "reward_s": r["reward_s"], "old_logp_s": 0.0, "train_s": r["train_s"],
+             "tokens": r["response_tokens"] * n} for r in rows]
 
 
 def run_trl(args, model_dir: Path, records, out: Path, dtype: torch.dtype) -> list[dict]:
@@ -137,10 +144,26 @@ def run_trl(args, model_dir: Path, records, out: Path, dtype: torch.dtype) -> li
     class Timed(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):
             began = time.perf_counter()
+            steps[-1].update(reward_s=0.0, old_logp_s=0.0, scoring=True)
             output = super()._generate_and_score_completions(inputs)
-            steps[-1]["gen_s"] = time.perf_counter() - began
-            steps[-1]["tokens"] = float(output["completion_mask"].sum())
+            s = steps[-1]
+            s["scoring"] = False
+            s["gen_s"] = time.perf_counter() - began - s["reward_s"] - s["old_logp_s"]
+            s["tokens"] = float(output["completion_mask"].sum())
             return output
+
+        def _calculate_rewards(self, *args, **kwargs):
+            began = time.perf_counter()
+            out = super()._calculate_rewards(*args, **kwargs)
+            steps[-1]["reward_s"] += time.perf_counter() - began
+            return out
+
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            began = time.perf_counter()
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if steps[-1].get("scoring"):  # the old (or reference) log-prob pass
+                steps[-1]["old_logp_s"] += time.perf_counter() - began
+            return out
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -153,7 +176,7 @@ def run_trl(args, model_dir: Path, records, out: Path, dtype: torch.dtype) -> li
                 torch.cuda.synchronize()
             s = steps[-1]
             s["step_s"] = time.perf_counter() - s.pop("began")
-            s["train_s"] = s["step_s"] - s["gen_s"]
+            s["train_s"] = s["step_s"] - s["gen_s"] - s["reward_s"] - s["old_logp_s"]
 
     trainer = Timed(model=model, reward_funcs=livestream_reward, args=config,
                     train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
@@ -211,10 +234,12 @@ def main(argv=None) -> int:
     print(f"\n### GRPO step, {datetime.date.today()}, {name}, commit {commit}, torch "
           f"{torch.__version__}\n\nP={args.prompts} prompts × G={args.group}, max {args.max_tokens} "
           f"new tokens, {args.steps} steps (first one untimed), medians, {dtype}\n")
-    print("| side | step (s) | generation + reward (s) | training (s) | completion tokens / step "
-          "| tokens/s | generation tokens/s |\n|---|---|---|---|---|---|---|")
+    print("| side | step (s) | generation (s) | reward (s) | old log-probs (s) | training (s) "
+          "| completion tokens / step | tokens/s | generation tokens/s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['side']} | {r['step_s']:.3f} | {r['gen_s']:.3f} | {r['train_s']:.3f} | "
+        print(f"| {r['side']} | {r['step_s']:.3f} | {r['gen_s']:.3f} | {r['reward_s']:.3f} | "
+              f"{r['old_logp_s']:.3f} | {r['train_s']:.3f} | "
               f"{r['completion_tokens']:.0f} | {r['tokens_per_s']:.1f} | "
               f"{r['gen_tokens_per_s']:.1f} |")
     if len(results) == 2:

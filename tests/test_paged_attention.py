@@ -1,6 +1,6 @@
 """The Triton paged decode-attention kernel (interpreted on CPU) and its op
-``livethinking.ops.paged_decode_attention`` (the kernel, or PyTorch on CPU) against a
-float64 gather."""
+``livethinking.ops.paged_decode_attention`` (the kernel, the C++ CPU op, or PyTorch's gather
++ SDPA) against a float64 gather."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ from livethinking import ops
 from livethinking.kernels.paged_attention import (paged_decode_attention,
                                                   paged_decode_attention_reference)
 
-EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8,
+       torch.float64: 2.0**-53}
 
 
 def _inputs(generator, batch, heads, kv_heads, dim, block_size, contexts, dtype,
@@ -46,6 +47,18 @@ def _plain(q, k_pool, v_pool, tables, contexts):
     return out
 
 
+def _assert_within_plain_budget(out, q, k_pool, v_pool, tables, ctx):
+    """out within 2× the plain gather's own error (in the inputs' dtype) of the float64
+    reference, plus 8 units of roundoff; finite (the NaN poison past the context unread)."""
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
+    plain = _plain(q, k_pool, v_pool, tables, ctx)
+    assert out.dtype == q.dtype and out.shape == q.shape and torch.isfinite(out).all()
+    ours_error = (out.double() - exact).abs().max().item()
+    plain_error = (plain.double() - exact).abs().max().item()
+    floor = 8 * EPS[q.dtype] * exact.abs().max().item()
+    assert ours_error <= 2 * plain_error + floor, (ours_error, plain_error, floor)
+
+
 CASES = [  # batch, heads, kv_heads, dim, block_size, contexts, num_splits
     (1, 1, 1, 8, 4, [1], None),
     (3, 4, 2, 8, 4, [1, 5, 9], None),
@@ -62,13 +75,7 @@ def test_matches_float64_within_the_plain_budget(case, dtype, generator):
     batch, heads, kv_heads, dim, bs, contexts, splits = case
     q, k_pool, v_pool, tables, ctx = _inputs(generator, batch, heads, kv_heads, dim, bs, contexts, dtype)
     out = paged_decode_attention(q, k_pool, v_pool, tables, ctx, num_splits=splits)
-    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
-    plain = _plain(q, k_pool, v_pool, tables, ctx)
-    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
-    ours_error = (out.double() - exact).abs().max().item()
-    plain_error = (plain.double() - exact).abs().max().item()
-    floor = 8 * EPS[dtype] * exact.abs().max().item()
-    assert ours_error <= 2 * plain_error + floor, (ours_error, plain_error, floor)
+    _assert_within_plain_budget(out, q, k_pool, v_pool, tables, ctx)
 
 
 def test_splits_do_not_change_the_result_beyond_roundoff(generator):
@@ -116,7 +123,7 @@ def test_gpu_matches_float64(dtype, generator):
 
 
 # ------------------------------------------------------------------ the op (livethinking.ops)
-@pytest.mark.parametrize("use_kernel", [None, True], ids=["cpu-torch", "kernel"])
+@pytest.mark.parametrize("use_kernel", [None, False, True], ids=["cpp", "torch", "kernel"])
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "-".join(map(str, c[:5])))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_op_matches_float64_and_never_reads_past_the_context(case, dtype, use_kernel, generator):
@@ -131,6 +138,48 @@ def test_op_matches_float64_and_never_reads_past_the_context(case, dtype, use_ke
     assert ours_error <= 2 * plain_error + 8 * EPS[dtype] * exact.abs().max().item()
 
 
+CPP_CASES = CASES + [
+    (3, 6, 2, 33, 16, [1, 97, 200], None),  # head dim 33: the 8-lane sums' tail
+    (7, 2, 2, 8, 1, [7, 1, 3, 2, 5, 6, 4], None),  # block size 1
+]
+
+
+@pytest.mark.parametrize("case", CPP_CASES, ids=lambda c: "-".join(map(str, c[:5])) + f"-ctx{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cpp_op_matches_float64_within_the_plain_budget(case, dtype, generator):
+    batch, heads, kv_heads, dim, bs, contexts, _ = case
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, batch, heads, kv_heads, dim, bs, contexts,
+                                             dtype, num_blocks=max(48, 2 + batch * (-(-200 // bs))))
+    out = torch.ops.livethinking.paged_decode_attention(q, k_pool, v_pool, tables, ctx, dim**-0.5)
+    _assert_within_plain_budget(out, q, k_pool, v_pool, tables, ctx)
+
+
+def test_cpp_op_does_not_depend_on_the_thread_count(generator):
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 9, 8, 2, 16, 4, [1, 5, 9, 40, 3, 17, 2, 8, 30],
+                                             torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.paged_decode_attention(q, k_pool, v_pool, tables, ctx)
+        torch.set_num_threads(2)
+        two = ops.paged_decode_attention(q, k_pool, v_pool, tables, ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_cpp_op_empty_batch_and_q_of_another_dtype(generator):
+    pool = torch.randn(3, 4, 2, 8)
+    out = ops.paged_decode_attention(torch.randn(0, 4, 8), pool, pool,
+                                     torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 4, 8)
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 2, 4, 2, 8, 4, [6, 11], torch.float32)
+    out = ops.paged_decode_attention(q.double(), k_pool, v_pool, tables, ctx)  # q cast to the pools'
+    assert out.dtype == torch.float64
+    exact = paged_decode_attention_reference(q, k_pool, v_pool, tables, ctx)
+    assert (out - exact).abs().max() <= 8 * EPS[torch.float32] * exact.abs().max()
+
+
 def test_op_scale_and_int32_tables(generator):
     q, k_pool, v_pool, tables, ctx = _inputs(generator, 2, 4, 2, 8, 4, [6, 11], torch.float32)
     out = ops.paged_decode_attention(q, k_pool, v_pool, tables.int(), ctx.int(), scale=0.5)
@@ -139,9 +188,9 @@ def test_op_scale_and_int32_tables(generator):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(context_lens=torch.tensor([0, 3])), ValueError, r"context_lens must lie in \[1, max_blocks · BS = 8\]"),
-    (dict(context_lens=torch.tensor([9, 3])), ValueError, "context_lens must lie"),
-    (dict(block_tables=torch.tensor([[0, 7], [1, 0]])), ValueError, r"entries .* \[0, 5\)"),
+    (dict(context_lens=torch.tensor([0, 3])), ValueError, r"context_lens.* must lie in \[1, max_blocks \* block_size = 8\]"),
+    (dict(context_lens=torch.tensor([9, 3])), ValueError, r"context_lens\[0\] = 9 must lie"),
+    (dict(block_tables=torch.tensor([[0, 7], [1, 0]])), ValueError, r"block_tables\[0, 1\] = 7 must lie in \[0, 5\)"),
     (dict(block_tables=torch.zeros(2, 2)), TypeError, "block_tables must be int32 or int64"),
     (dict(v_pool=torch.randn(5, 4, 2, 8, dtype=torch.float64)), TypeError, "one dtype"),
     (dict(q=[[0.0]]), TypeError, "q must be a torch.Tensor"),
@@ -170,3 +219,11 @@ def test_gpu_op_runs_the_kernel(generator):
                                              num_blocks=64, device="cuda")
     assert torch.equal(ops.paged_decode_attention(q, k_pool, v_pool, tables, ctx),
                        paged_decode_attention(q, k_pool, v_pool, tables, ctx))
+
+
+def test_cpp_op_opcheck(generator):
+    """Schema, fake kernel and dispatch of the C++ op agree (torch.library.opcheck)."""
+    q, k_pool, v_pool, tables, ctx = _inputs(generator, 3, 4, 2, 8, 4, [5, 1, 9], torch.float32)
+    torch.library.opcheck(torch.ops.livethinking.paged_decode_attention.default,
+                          (q, k_pool, v_pool, tables, ctx, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -11,17 +11,16 @@
 #include <vector>
 
 #include "float_convert.h"
+#include "kernel_support.h"
 #include "livethinking/moe_routing.h"
 
 namespace livethinking::cpu {
 namespace {
 
 using detail::BFloat16;
+using detail::dispatch_storage;
 using detail::Half;
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
+using detail::require;
 
 // For checks inside loops: the message is only built when the check fails.
 [[noreturn]] void index_error(const char* name, int64_t at, int64_t value, int64_t low,
@@ -39,18 +38,6 @@ void require_sizes(int64_t num_tokens, int64_t top_k, int64_t hidden) {
   require(num_tokens <= std::numeric_limits<int32_t>::max() / top_k,
           "num_tokens * top_k must fit in int32, got " + std::to_string(num_tokens) + " x " +
               std::to_string(top_k));
-}
-
-// Calls fn(T{}) with T the storage type of dtype.
-template <typename Fn>
-void dispatch_storage(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); return;
-    case DType::kFloat64: fn(double{}); return;
-    case DType::kFloat16: fn(Half{}); return;
-    case DType::kBFloat16: fn(BFloat16{}); return;
-  }
-  throw std::invalid_argument("dtype: unknown DType " + std::to_string(static_cast<int>(dtype)));
 }
 
 template <typename T>

@@ -7,7 +7,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
 #include "livethinking/moe_routing.h"
+#include "livethinking/paged_attention.h"
 #include "routing_op_args.h"
 
 namespace livethinking::torch_ops {
@@ -104,6 +107,62 @@ at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   return out;
 }
 
+// Decode attention read in place from the paged pool (no gather); q (B, Hq, D), pools
+// (blocks, BS, Hkv, D) of q's dtype, block_tables (B, max_blocks) and context_lens (B,)
+// int32/int64. Inference only: no autograd formula.
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_pool_in,
+                                      const at::Tensor& v_pool_in,
+                                      const at::Tensor& block_tables_in,
+                                      const at::Tensor& context_lens_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 3, "q must be 3-D (rows, heads, head_dim), got shape ", q_in.sizes());
+  TORCH_CHECK(k_pool_in.dim() == 4 && k_pool_in.sizes() == v_pool_in.sizes(),
+              "k_pool and v_pool must be 4-D (blocks, block_size, kv_heads, head_dim) of one "
+              "shape, got ", k_pool_in.sizes(), " and ", v_pool_in.sizes());
+  TORCH_CHECK(k_pool_in.scalar_type() == q_in.scalar_type() &&
+                  v_pool_in.scalar_type() == q_in.scalar_type(),
+              "q, k_pool and v_pool must share a dtype, got ", q_in.scalar_type(), ", ",
+              k_pool_in.scalar_type(), ", ", v_pool_in.scalar_type());
+  const int64_t rows = q_in.size(0), heads = q_in.size(1), dim = q_in.size(2);
+  const int64_t kv_heads = k_pool_in.size(2);
+  TORCH_CHECK(k_pool_in.size(3) == dim, "k_pool's head_dim ", k_pool_in.size(3),
+              " differs from q's ", dim);
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "q's heads (", heads,
+              ") must be a multiple of the pools' kv_heads (", kv_heads, ")");
+  TORCH_CHECK(block_tables_in.dim() == 2 && block_tables_in.size(0) == rows,
+              "block_tables must be (rows=", rows, ", max_blocks), got ", block_tables_in.sizes());
+  TORCH_CHECK(context_lens_in.dim() == 1 && context_lens_in.size(0) == rows,
+              "context_lens must be (rows=", rows, ",), got ", context_lens_in.sizes());
+  for (const at::Tensor* t : {&block_tables_in, &context_lens_in}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
+                "block_tables and context_lens must be int32 or int64, got ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&k_pool_in, &v_pool_in, &block_tables_in, &context_lens_in}) {
+    check_same_device(q_in, "q", *t, "a paged attention input");
+  }
+  const DType dtype = storage_dtype(q_in, "q");
+  const at::Tensor q = q_in.contiguous(), k_pool = k_pool_in.contiguous(),
+                   v_pool = v_pool_in.contiguous();
+  const at::Tensor tables = block_tables_in.to(at::kLong).contiguous();
+  const at::Tensor lens = context_lens_in.to(at::kLong).contiguous();
+  at::Tensor out = at::empty_like(q);
+  if (rows == 0 || heads == 0) return out;
+  const int64_t items = rows * kv_heads, group = heads / kv_heads;
+  // ~64 KB of keys and values per chunk of items, at the longest context
+  const int64_t longest = lens.max().item<int64_t>();
+  const int64_t item_bytes = 2 * std::max<int64_t>(1, longest) * dim * q.element_size() * group;
+  try {
+    at::parallel_for(0, items, grain(item_bytes), [&](int64_t begin, int64_t end) {
+      cpu::paged_decode_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), dtype,
+                                  rows, heads, kv_heads, dim, k_pool.size(0), k_pool.size(1),
+                                  tables.data_ptr<int64_t>(), tables.size(1),
+                                  lens.data_ptr<int64_t>(), scale, begin, end, out.data_ptr());
+    });
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(livethinking, m) {
@@ -122,6 +181,9 @@ TORCH_LIBRARY(livethinking, m) {
       "moe_unpermute(Tensor y, Tensor sorted_ids, Tensor row_of_pair, Tensor? topk_weights=None)"
       " -> Tensor");
   m.def("moe_pair_dot(Tensor a, Tensor b, Tensor row_of_pair) -> Tensor");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables,"
+      " Tensor context_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
@@ -130,6 +192,7 @@ TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
   m.impl("moe_permute", &permute_cpu);
   m.impl("moe_unpermute", &unpermute_cpu);
   m.impl("moe_pair_dot", &pair_dot_cpu);
+  m.impl("paged_decode_attention", &paged_decode_attention_cpu);
 }
 
 }  // namespace livethinking::torch_ops

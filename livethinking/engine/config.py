@@ -40,7 +40,7 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     deterministic: bool = False
     enable_return_routed_experts: bool = False
-    paged_decode_kernel: bool | None = None  # Triton decode attention; None: on CUDA only
+    paged_decode_kernel: bool | None = None  # None: in-place decode op; True Triton; False gather
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -212,7 +212,8 @@ class ModelRunner:
         return hidden[torch.arange(len(chunks), device=self.device), last]
 
     def execute(self, chunks: list[Chunk], draws: list[Draw]) -> tuple[list[int], list[float]]:
-        """Run the batch; return the drawn tokens and their log-probs (one host transfer)."""
+        """Run the batch; return the drawn tokens and their log-probs (one host transfer;
+        NaN log-probs when no draw reports them)."""
         if self.config.deterministic:  # every row on its own: batch-invariant numerics
             hidden = torch.cat([self._last_hidden([c]) for c in chunks])
         else:
@@ -224,6 +225,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden).float()  # (R, V)
         batch = self._sampling_batch(draws)
         tokens, logprobs = sample(logits, batch, self.shared_generator)
+        if logprobs is None:  # no row reports them
+            return tokens.cpu().tolist(), [float("nan")] * len(draws)
         out = torch.stack([tokens.double(), logprobs.double()]).cpu()
         return [int(t) for t in out[0].tolist()], out[1].tolist()
 
@@ -239,7 +242,8 @@ class ModelRunner:
             top_p=tensor([p.top_p for p in params], torch.float32),
             generators=[d.generator for d in draws],
             needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-            all_greedy=all(p.greedy for p in params))
+            all_greedy=all(p.greedy for p in params),
+            needs_logprobs=any(p.logprobs for p in params))
 
     @torch.no_grad()
     def score(self, token_ids: list[int], num_prompt: int, temperature: float, *,

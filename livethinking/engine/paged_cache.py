@@ -8,12 +8,14 @@ Before each forward the runner calls :meth:`PagedKVCache.set_batch` with, per ro
 slots its new tokens go to and its block table; :meth:`update` scatters a layer's new k/v
 into the pool, gathers each row's keys in position order through its block table and
 returns them with the mask "key position <= query position and < context length".
-:meth:`attend` does the attention too: decode (one token per row) with ``decode_kernel``
-on is ``livethinking.ops.paged_decode_attention``'s Triton kernel, reading K/V straight
-from the pool up to each row's own context length (no gather; the cost under CUDA graphs
-follows the real context, not the padded block table); otherwise the gather of
-:meth:`update` and a masked SDPA, its mask built once per batch and shared by the layers
-(on CPU 1.7x faster than the op's per-call gather path).
+:meth:`attend` does the attention too. Decode (one token per row) reads K/V straight from
+the pool up to each row's own context length, no gather, through
+``livethinking.ops.paged_decode_attention``: its Triton kernel on CUDA (the cost under CUDA
+graphs follows the real context, not the padded block table), its C++ op on CPU (~4× the
+gather + SDPA at 64 rows × 80 tokens). ``decode_kernel``: None (default) that; True the
+Triton kernel on any device (on CPU under the Triton interpreter); False the gather of
+:meth:`update` and a masked SDPA. Prefill and chunks with a cached prefix always take the
+gather + SDPA, its mask built once per batch and shared by the layers.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class PagedKVCache(AttendingKVCache):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.trash_slot = num_blocks * block_size
-        # the Triton decode kernel: on CUDA by default (the interpreter runs it on CPU)
-        self.decode_kernel = self.k.is_cuda if decode_kernel is None else decode_kernel
+        # decode attention in place: None the op's default (Triton on CUDA, C++ on CPU),
+        # True the Triton kernel (under the interpreter on CPU), False gather + SDPA
+        self.decode_kernel = decode_kernel
         self.batch: PagedBatch | None = None
 
     @staticmethod
@@ -108,11 +111,11 @@ class PagedKVCache(AttendingKVCache):
             self._write(layer_idx, k, v, positions)
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                                   enable_gqa=k.shape[1] != q.shape[1])
-        if self.decode_kernel and q.shape[2] == 1:  # each row's query is at context − 1
+        if self.decode_kernel is not False and q.shape[2] == 1:  # query at context − 1
             batch = self._write(layer_idx, k, v, positions)
             out = paged_decode_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx],
                                          batch.block_tables, batch.context_lens,
-                                         use_kernel=True)
+                                         use_kernel=self.decode_kernel)
             return out[:, :, None]
         k_all, v_all, mask = self.update(layer_idx, k, v, positions)
         return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),

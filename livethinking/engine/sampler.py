@@ -1,7 +1,8 @@
 """Batched sampling with per-row temperature, top-k, top-p and seeds; no host sync.
 
-For row r with logits z: ``logprob = log softmax(z / t)[token]`` (t = 1 for greedy rows),
-reported before truncation. Greedy rows take argmax z. Other rows keep the top_k largest
+For row r with logits z: ``logprob = (z / t)[token] − logsumexp(z / t)`` = log softmax(z /
+t)[token] (t = 1 for greedy rows), reported before truncation, and only computed when some
+row of the batch asks for log-probs (``needs_logprobs``). Greedy rows take argmax z. Other rows keep the top_k largest
 and the smallest prefix of the sorted distribution whose mass reaches top_p, and draw
 ``argmax_i p_i / q_i`` with q_i ~ Exp(1) (the exponential race, equivalent to sampling
 from p). Seeded rows draw q from their own generator, so their samples do not depend on
@@ -25,6 +26,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per row; None = the shared generator
     needs_truncation: bool  # any row with top_k > 0 or top_p < 1
     all_greedy: bool
+    needs_logprobs: bool = True  # any row that reports log-probs
 
 
 def _exponential_noise(shape, generators, shared, device) -> torch.Tensor:
@@ -38,16 +40,17 @@ def _exponential_noise(shape, generators, shared, device) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (R, V) -> tokens (R,) long and their log-probs (R,) float32, on the device."""
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (R, V) -> tokens (R,) long and their log-probs (R,) float32 (None unless
+    ``batch.needs_logprobs``), on the device."""
     logits = logits.float()
-    greedy = batch.temperature == 0
-    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-    scaled = logits / temperature[:, None]
-    logprobs_all = torch.log_softmax(scaled, dim=-1)  # (R, V)
     if batch.all_greedy:
+        scaled = logits
         tokens = logits.argmax(dim=-1)
     else:
+        greedy = batch.temperature == 0
+        temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+        scaled = logits / temperature[:, None]
         filtered = scaled
         if batch.needs_truncation:
             filtered = _truncate(scaled, batch.top_k, batch.top_p)
@@ -55,7 +58,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator |
         noise = _exponential_noise(probs.shape, batch.generators, shared, probs.device)
         drawn = (probs / noise).argmax(dim=-1)
         tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
-    return tokens, logprobs_all.gather(1, tokens[:, None])[:, 0]
+    if not batch.needs_logprobs:
+        return tokens, None
+    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
 
 
 def _truncate(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ __all__ = ["Attention", "AttentionInputs", "packed_causal_mask"]
 class AttentionInputs:
     """What every layer's attention needs besides the hidden states."""
 
-    cos: torch.Tensor  # (B, T, D)
-    sin: torch.Tensor
+    cos: torch.Tensor  # (B, 1, T, D): broadcast over heads
+    sin: torch.Tensor  # (B, 1, T, D), signed (RotaryEmbedding)
     cu_seqlens: torch.Tensor | None = None  # (docs + 1,) int32, packed rows only
     max_seqlen: int = 0
     mask: torch.Tensor | None = None  # (1, 1, T, T) bool for packed SDPA

@@ -27,9 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # torch's rms_norm: x · rsqrt(mean(x²) + eps), the same ops in one call
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -42,18 +42,23 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions (B, T) int -> cos, sin (B, T, head_dim) in ``dtype`` (computed in fp32)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """positions (B, T) int -> cos, signed sin (B, 1, T, head_dim) in ``dtype`` (computed
+        in fp32; broadcast over heads). The sin table's first half is negated, the sign of
+        rotate-half's ``−x₂``, so that :func:`apply_rotary` needs one ``roll``, not a
+        negation and a concatenation, per call."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1).to(dtype)[:, None]
+        return cos, torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, D); cos, sin (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D); cos, signed_sin (B, 1, T, D) from :class:`RotaryEmbedding`.
+
+    Rotate-half RoPE, x·cos + (−x₂, x₁)·sin: ``roll`` by D/2 gives (x₂, x₁), and the sign of
+    −x₂ sits in the table (negating a product is exact, so this equals the textbook form
+    bit for bit)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class DenseMLP(nn.Module):

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import torch
 
+from livethinking.ops.fused_token_loss import fused_linear_token_loss
+from livethinking.ops.logprobs import _check as check_logprob_inputs
 from livethinking.ops.logprobs import fused_linear_logprobs
 
 __all__ = ["fused_linear_grpo_loss", "group_advantages", "LOSS_TYPES"]
@@ -122,72 +124,96 @@ def fused_linear_grpo_loss(hidden, weight, targets, completion_mask, advantages,
                            chunk_ids)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = completion_mask.to(torch.float32)
-    logp, entropy = fused_linear_logprobs(
-        hidden.reshape(batch * length, -1), weight, targets.reshape(-1), bias=bias,
-        temperature=temperature, return_entropy=True, row_mask=completion_mask.reshape(-1).bool())
-    logp, entropy = logp.reshape(batch, length), entropy.detach().reshape(batch, length)
     adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
-
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
-    log_ratio = logp - old
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True)
-                     / mask.sum(-1, keepdim=True).clamp(min=1)).expand(batch, length)
     if chunk_ids is not None:
         chunk_index, num_chunks = _chunk_index(chunk_ids, mask)  # (B, T) in [0, C], C
         chunk_tokens = _chunk_sums(mask, chunk_index, num_chunks).clamp(min=1)  # (C + 1,)
-    if importance_sampling_level == "chunk":  # each token gets its chunk's mean log-ratio
-        log_ratio = (_chunk_sums(log_ratio * mask, chunk_index, num_chunks)
-                     / chunk_tokens)[chunk_index]  # (B, T)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    if loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logp
-    else:
-        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(unclipped * adv, clipped * adv)
-    if rollout_is_weights is not None:
-        per_token = per_token * rollout_is_weights.float()
-    kl = None
-    if beta > 0:
-        kl = _kl(logp, ref_logprobs.float(), kl_estimator)
-        per_token = per_token + beta * kl
-    elif ref_logprobs is not None:
-        kl = _kl(logp.detach(), ref_logprobs.float(), kl_estimator)
 
-    masked_sum = (per_token * mask).sum()
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = masked_sum / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = masked_sum / (batch * (max_completion_length or length))
-    elif loss_type == "chunk":
-        chunk_means = _chunk_sums(per_token * mask, chunk_index, num_chunks)[:num_chunks] \
-            / chunk_tokens[:num_chunks]  # (C,)
-        denominator = max(num_chunks, 1) if num_items_in_batch is None else num_items_in_batch
-        loss = chunk_means.sum() / denominator
-    else:  # dapo, cispo
-        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = masked_sum / denominator
+    def loss_and_stats(logp, entropy=None):
+        """The loss of logp (B, T) and, given the entropy, the statistics (else None)."""
+        old = logp.detach() if old_logprobs is None else old_logprobs.float()
+        log_ratio = logp - old
+        if importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1, keepdim=True)
+                         / mask.sum(-1, keepdim=True).clamp(min=1)).expand(batch, length)
+        if importance_sampling_level == "chunk":  # each token gets its chunk's mean log-ratio
+            log_ratio = (_chunk_sums(log_ratio * mask, chunk_index, num_chunks)
+                         / chunk_tokens)[chunk_index]  # (B, T)
+        ratio = torch.exp(log_ratio)
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        if loss_type == "cispo":
+            per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * adv * logp
+        else:
+            unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+            per_token = -torch.min(unclipped * adv, clipped * adv)
+        if rollout_is_weights is not None:
+            per_token = per_token * rollout_is_weights.float()
+        kl = None
+        if beta > 0:
+            kl = _kl(logp, ref_logprobs.float(), kl_estimator)
+            per_token = per_token + beta * kl
+        elif ref_logprobs is not None:
+            kl = _kl(logp.detach(), ref_logprobs.float(), kl_estimator)
 
-    with torch.no_grad():
-        high = (ratio > 1 + epsilon_high) & (adv > 0)
-        # CISPO caps the weight above only: nothing is clipped below (TRL's and Liger's
-        # cispo clip ratio count ``ratio > cap and A > 0`` alone)
-        low = torch.zeros_like(high) if loss_type == "cispo" else (ratio < 1 - epsilon_low) & (adv < 0)
-        stats = {
-            "logprobs": logp.detach(),
-            "entropy": _masked_mean(entropy, mask),
-            "kl": _masked_mean(kl.detach(), mask) if kl is not None else torch.zeros(()),
-            "clip_ratio_low": _masked_mean(low.float(), mask),
-            "clip_ratio_high": _masked_mean(high.float(), mask),
-            "clip_ratio_region": _masked_mean((low | high).float(), mask),
-            "ratio": _masked_mean(ratio.detach(), mask),
-        }
-        if chunk_ids is not None:
-            stats["num_chunks"] = torch.tensor(float(num_chunks), device=mask.device)
-    return loss, stats
+        masked_sum = (per_token * mask).sum()
+        if loss_type == "grpo":
+            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        elif loss_type == "bnpo":
+            loss = masked_sum / mask.sum().clamp(min=1)
+        elif loss_type == "dr_grpo":
+            loss = masked_sum / (batch * (max_completion_length or length))
+        elif loss_type == "chunk":
+            chunk_means = _chunk_sums(per_token * mask, chunk_index, num_chunks)[:num_chunks] \
+                / chunk_tokens[:num_chunks]  # (C,)
+            denominator = max(num_chunks, 1) if num_items_in_batch is None else num_items_in_batch
+            loss = chunk_means.sum() / denominator
+        else:  # dapo, cispo
+            denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            loss = masked_sum / denominator
+
+        if entropy is None:
+            return loss, None
+        with torch.no_grad():
+            high = (ratio > 1 + epsilon_high) & (adv > 0)
+            # CISPO caps the weight above only: nothing is clipped below (TRL's and Liger's
+            # cispo clip ratio count ``ratio > cap and A > 0`` alone)
+            low = torch.zeros_like(high) if loss_type == "cispo" else (ratio < 1 - epsilon_low) & (adv < 0)
+            stats = {
+                "logprobs": logp.detach(),
+                "entropy": _masked_mean(entropy, mask),
+                "kl": _masked_mean(kl.detach(), mask) if kl is not None else torch.zeros(()),
+                "clip_ratio_low": _masked_mean(low.float(), mask),
+                "clip_ratio_high": _masked_mean(high.float(), mask),
+                "clip_ratio_region": _masked_mean((low | high).float(), mask),
+                "ratio": _masked_mean(ratio.detach(), mask),
+            }
+            if chunk_ids is not None:
+                stats["num_chunks"] = torch.tensor(float(num_chunks), device=mask.device)
+        return loss, stats
+
+    flat = dict(bias=bias, temperature=temperature, row_mask=completion_mask.reshape(-1).bool())
+    if _gradient_in_forward(hidden, weight, bias, importance_sampling_level):
+        check_logprob_inputs(hidden.reshape(batch * length, -1), weight, targets.reshape(-1),
+                             bias, temperature, flat["row_mask"])
+        loss, logp, entropy = fused_linear_token_loss(
+            hidden.reshape(batch * length, -1), weight, targets.reshape(-1),
+            lambda lp: loss_and_stats(lp.reshape(batch, length))[0], **flat)
+        with torch.no_grad():
+            _, stats = loss_and_stats(logp.reshape(batch, length), entropy.reshape(batch, length))
+        return loss, stats
+    logp, entropy = fused_linear_logprobs(
+        hidden.reshape(batch * length, -1), weight, targets.reshape(-1), return_entropy=True,
+        **flat)
+    return loss_and_stats(logp.reshape(batch, length), entropy.detach().reshape(batch, length))
+
+
+def _gradient_in_forward(hidden, weight, bias, importance_sampling_level) -> bool:
+    """Whether the three-GEMM path runs (``fused_token_loss``): a token-local loss (token
+    importance ratios), a gradient wanted, and the chunked PyTorch path (CPU, or fp64)."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    chunked = not hidden.is_cuda or hidden.dtype == torch.float64
+    return wants_grad and chunked and importance_sampling_level == "token"
 
 
 def _check(hidden, weight, targets, completion_mask, advantages, old_logprobs, ref_logprobs, beta,

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels and autograd formulas of the ``torch.ops.livethinking`` routing ops.
+"""Fake (meta) kernels and autograd formulas of the ``torch.ops.livethinking`` routing ops,
+and the fake kernel of ``paged_decode_attention`` (inference only: no autograd formula).
 
 Fake kernels give output shapes from input shapes alone (they work with symbolic
 sizes under ``torch.compile``). Gradients, for a pair p = (t, j) routed to row r:
@@ -29,6 +30,11 @@ def _topk_softmax_fake(router_logits, top_k, renormalize=True):
     num_tokens = router_logits.shape[0]
     return (router_logits.new_empty((num_tokens, top_k), dtype=torch.float32),
             router_logits.new_empty((num_tokens, top_k), dtype=torch.int32))
+
+
+@torch.library.register_fake(_LIB + "paged_decode_attention")
+def _paged_decode_attention_fake(q, k_pool, v_pool, block_tables, context_lens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_LIB + "moe_align")

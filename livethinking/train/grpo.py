@@ -424,14 +424,20 @@ class GRPOTrainer:
         config, dist = self.config, self.run.dist
         world, rank = dist.world_size, dist.rank
         groups, scores, dropped, rounds = [], [], 0, 0
+        generate_s = reward_s = 0.0
         want = config.prompts_per_step // world
         while rounds <= config.max_refill_rounds:
             (missing,) = all_reduce_max([want - len(groups)], dist)
             if missing <= 0:
                 break
             picks = self.take(int(missing) * world)[rank::world]
-            for group in self.rollouts(picks):
+            started = time.perf_counter()
+            drawn = self.rollouts(picks)
+            generate_s += time.perf_counter() - started
+            for group in drawn:
+                started = time.perf_counter()
                 breakdown = self.score(group)
+                reward_s += time.perf_counter() - started
                 if breakdown is None:
                     dropped += 1
                     continue
@@ -441,7 +447,8 @@ class GRPOTrainer:
             rounds += 1
         (keep,) = all_reduce_min([len(groups)], dist)
         stats = {"groups_dropped": dropped, "refill_rounds": rounds - 1,
-                 "rollout_s": time.perf_counter() - began}
+                 "rollout_s": time.perf_counter() - began, "generate_s": generate_s,
+                 "reward_s": reward_s}
         return groups[:int(keep)], scores[:int(keep)], stats
 
     def score(self, group):

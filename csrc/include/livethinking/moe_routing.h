@@ -29,9 +29,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace livethinking {
+#include "livethinking/dtype.h"
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+namespace livethinking {
 
 // Largest expert count the CUDA kernels support (shared-memory counters).
 constexpr int64_t kMaxExperts = 1024;
