@@ -113,9 +113,10 @@ def extension():
     define = [f'-DLIVETHINKING_TORCH_VERSION="{torch.__version__}"']
     # torch picks the C++ standard its headers need. No contraction of a*b+c into FMA:
     # the CPU sums round exactly like the CUDA kernels' explicit multiply-then-add.
-    # -fopenmp: torch's at::parallel_for is an OpenMP pragma in a header, so without
+    # -fno-trapping-math: no FP traps are enabled, so branch-free selects (the decode
+    # attention's exp) vectorise; values are unchanged. -fopenmp: torch's at::parallel_for is an OpenMP pragma in a header, so without
     # it the CPU ops silently run on one thread.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + define
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"] + define
     reason = cuda_build_reason()
     if reason is not None:
         message = f"livethinking: building the CPU ops only: {reason}."

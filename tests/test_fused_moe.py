@@ -157,6 +157,27 @@ def test_cpu_path_matches_float64(num_tokens, num_experts, top_k, dtype, generat
     assert_within_plain_budget(ops.fused_moe, inputs[:4], inputs[4], generator)
 
 
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 97])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_path_matches_float64_and_the_training_path(num_tokens, num_experts, top_k,
+                                                                   dtype, generator):
+    """Without autograd the CPU path runs grouped GEMMs (half the experts get no token)."""
+    x, w_gate_up, w_down, weights, ids = layer_inputs(num_tokens, num_experts, top_k, generator, dtype)
+    with torch.no_grad():
+        ours = ops.fused_moe(x, w_gate_up, w_down, weights, ids)
+        plain = plain_layer(x, w_gate_up, w_down, weights, ids)
+    exact = fused_moe_reference(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids)
+    assert ours.dtype == dtype and ours.shape == x.shape and torch.isfinite(ours).all()
+    scale = roundoff_scales((x, w_gate_up, w_down, weights), torch.zeros_like(x), ids)[0]
+    floor = 4 * EPS[dtype] * (scale.amax().item() if num_tokens else 0.0)
+    ours_error = (ours.double() - exact).abs().amax().item() if num_tokens else 0.0
+    plain_error = (plain.double() - exact).abs().amax().item() if num_tokens else 0.0
+    assert ours_error <= 2 * plain_error + floor
+    trained = ops.fused_moe(x, w_gate_up.requires_grad_(), w_down, weights, ids)  # the loop
+    assert torch.equal(ours, trained.detach())
+
+
 def test_routing_matches_the_cpp_alignment(generator):
     *_, topk_ids = layer_inputs(97, 60, 8, generator)
     sorted_pairs, offsets, row_of_pair = moe_routing(topk_ids, 60)

@@ -1,15 +1,18 @@
 // CPU implementation of paged decode attention (livethinking/paged_attention.h).
 //
-// Plain C++17, no torch. Per (row, kv head) item: the group's queries are loaded
-// once (scaled, in the compute type); each key of the row's context is read in
-// place from its pool slot, its scores against the group's queries are kept; a
-// max-subtracted softmax per query head; then the values are summed with those
-// weights. Two passes over the context instead of an online softmax: the scores
-// fit in a small buffer (group * context) and each pass is a simple, vectorisable
-// loop. The dot products keep eight independent partial sums, which the compiler
-// turns into vector lanes without any reassociation flag (the order is fixed).
+// Plain C++17, no torch. Per row, the run of its kv heads in the item range is swept
+// together (each slot holds its kv heads as one contiguous stretch, read sequentially
+// within a block): the run's queries are loaded once (scaled, in the compute type); each
+// key of the row's context is read in place from its pool slot and scored against the
+// queries sharing its kv head; a max-subtracted softmax per query head; then the values
+// are summed with those weights. Two passes over the context instead of an online
+// softmax: the scores fit in a small buffer (heads * context) and each pass is a simple,
+// vectorisable loop. The dot products keep eight independent partial sums, which the
+// compiler turns into vector lanes without any reassociation flag (the order is fixed),
+// and the next block is prefetched (a sequence's blocks lie anywhere in the pool).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -25,8 +28,14 @@ namespace {
 
 using detail::require;
 
+#if defined(__GNUC__) || defined(__clang__)
+#define LT_INLINE inline __attribute__((always_inline))
+#else
+#define LT_INLINE inline
+#endif
+
 template <typename Acc>
-Acc dot(const Acc* a, const Acc* b, int64_t n) {
+LT_INLINE Acc dot(const Acc* a, const Acc* b, int64_t n) {
   Acc lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -39,7 +48,58 @@ Acc dot(const Acc* a, const Acc* b, int64_t n) {
 }
 
 template <typename Acc>
-void axpy(Acc* y, Acc alpha, const Acc* x, int64_t n) {
+Acc sum(const Acc* a, int64_t n) {
+  Acc lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j];
+  }
+  Acc total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; i < n; ++i) total += a[i];
+  return total;
+}
+
+template <typename Acc>
+Acc max_of(const Acc* a, int64_t n) {  // n >= 1
+  Acc lanes[8];
+  for (int j = 0; j < 8; ++j) lanes[j] = a[0];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] = a[i + j] > lanes[j] ? a[i + j] : lanes[j];
+  }
+  Acc top = a[0];
+  for (int j = 0; j < 8; ++j) top = lanes[j] > top ? lanes[j] : top;
+  for (; i < n; ++i) top = a[i] > top ? a[i] : top;
+  return top;
+}
+
+// exp(x) for x <= 0 (a score less the row's maximum), branch-free so that loops over it
+// vectorise (with -fno-trapping-math, as setup.py and CMakeLists.txt compile): x = n·ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (about 1 ulp),
+// 2^n from the exponent bits. Below −87 (e^x < 1.7e-38, nothing next to the maximum's 1)
+// x is held at −87 so 2^n stays a normal float. NaN scores (NaN queries or keys) stay NaN.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = x - n * 0.693359375f;  // ln 2 in two parts: r exact to ~2^-32
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename Acc>
+LT_INLINE void axpy(Acc* y, Acc alpha, const Acc* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
@@ -78,6 +138,9 @@ void prefetch_block(const T* first_slot, int64_t slots, int64_t slot_stride, int
                               " must lie in [0, " + std::to_string(num_blocks) + ")");
 }
 
+// Items [item_begin, item_end) in runs of one row each: a run of consecutive kv heads of
+// a row is done in one sweep over the row's blocks, reading each slot's heads as one
+// contiguous stretch (sequential within a block, which the hardware prefetcher follows).
 template <typename T>
 void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_heads,
                   int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size,
@@ -90,71 +153,70 @@ void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_head
   for (int64_t item = item_begin; item < item_end; ++item) {
     longest = std::max(longest, context_lens[item / num_kv_heads]);
   }
-  std::vector<Acc> queries(static_cast<size_t>(group * dim));
-  std::vector<Acc> sums(static_cast<size_t>(group * dim));
-  std::vector<Acc> scores(static_cast<size_t>(group * longest));
-  std::vector<Acc> row_buffer(static_cast<size_t>(dim));
-  std::vector<Acc> normaliser(static_cast<size_t>(group));
-  for (int64_t item = item_begin; item < item_end; ++item) {
-    const int64_t row = item / num_kv_heads, kv_head = item % num_kv_heads;
+  std::vector<Acc> queries(static_cast<size_t>(num_heads * dim));
+  std::vector<Acc> sums(static_cast<size_t>(num_heads * dim));
+  std::vector<Acc> scores(static_cast<size_t>(num_heads * longest));
+  std::vector<Acc> row_buffer(static_cast<size_t>(slot_stride));
+  std::vector<Acc> normaliser(static_cast<size_t>(num_heads));
+  for (int64_t item = item_begin; item < item_end;) {
+    const int64_t row = item / num_kv_heads, first_head = item % num_kv_heads;
+    const int64_t last_head = std::min(num_kv_heads, first_head + (item_end - item));  // excl.
+    item += last_head - first_head;
+    const int64_t heads = (last_head - first_head) * group;  // query heads of this run
+    const int64_t width = (last_head - first_head) * dim;  // elements of a slot read
     const int64_t ctx = context_lens[row];
     const int64_t* table = block_tables + row * max_blocks;
-    const T* q_group = q + (row * num_heads + kv_head * group) * dim;
-    for (int64_t i = 0; i < group * dim; ++i) {
-      queries[i] = detail::load(q_group[i]) * static_cast<Acc>(scale);
+    const T* q_run = q + (row * num_heads + first_head * group) * dim;
+    for (int64_t i = 0; i < heads * dim; ++i) {
+      queries[i] = detail::load(q_run[i]) * static_cast<Acc>(scale);
     }
-    // Pass 1: scores[j, s] = <q_j, k_s>.
+    // Pass 1: scores[h, s] = <q_h, k_s> for the run's query heads h.
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
       const int64_t block = table[b];
       if (block < 0 || block >= num_blocks) block_error(row, b, block, num_blocks);
-      const T* keys = k_pool + block * block_size * slot_stride + kv_head * dim;
+      const T* keys = k_pool + block * block_size * slot_stride + first_head * dim;
       const int64_t n = std::min(block_size, ctx - first);
       if (first + block_size < ctx) {  // the next block's keys; its id is checked when used
         const int64_t next = table[b + 1];
         if (next >= 0 && next < num_blocks) {
-          prefetch_block(k_pool + next * block_size * slot_stride + kv_head * dim,
-                         std::min(block_size, ctx - first - block_size), slot_stride, dim);
+          prefetch_block(k_pool + next * block_size * slot_stride + first_head * dim,
+                         std::min(block_size, ctx - first - block_size), slot_stride, width);
         }
       }
       for (int64_t i = 0; i < n; ++i) {
-        const Acc* key = load_row<T, Acc>(keys + i * slot_stride, dim, row_buffer.data());
-        for (int64_t j = 0; j < group; ++j) {
-          scores[j * ctx + first + i] = dot(queries.data() + j * dim, key, dim);
+        const Acc* key = load_row<T, Acc>(keys + i * slot_stride, width, row_buffer.data());
+        for (int64_t h = 0; h < heads; ++h) {
+          scores[h * ctx + first + i] = dot(queries.data() + h * dim, key + (h / group) * dim, dim);
         }
       }
     }
     // Softmax over s per query head: weights exp(score - max), normaliser their sum.
-    for (int64_t j = 0; j < group; ++j) {
-      Acc* sj = scores.data() + j * ctx;
-      Acc top = -std::numeric_limits<Acc>::infinity();
-      for (int64_t s = 0; s < ctx; ++s) top = std::max(top, sj[s]);
-      Acc total = 0;
-      for (int64_t s = 0; s < ctx; ++s) {
-        sj[s] = std::exp(sj[s] - top);
-        total += sj[s];
-      }
-      normaliser[j] = total;
+    for (int64_t h = 0; h < heads; ++h) {
+      Acc* sh = scores.data() + h * ctx;
+      const Acc top = max_of(sh, ctx);
+      for (int64_t s = 0; s < ctx; ++s) sh[s] = exp_nonpositive(sh[s] - top);
+      normaliser[h] = sum(sh, ctx);
     }
-    // Pass 2: sums[j] = sum_s weight[j, s] v_s.
-    std::fill(sums.begin(), sums.end(), Acc{0});
+    // Pass 2: sums[h] = sum_s weight[h, s] v_s.
+    std::fill(sums.begin(), sums.begin() + heads * dim, Acc{0});
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
-      const T* values = v_pool + table[b] * block_size * slot_stride + kv_head * dim;
+      const T* values = v_pool + table[b] * block_size * slot_stride + first_head * dim;
       const int64_t n = std::min(block_size, ctx - first);
       if (first + block_size < ctx) {  // checked in pass 1
-        prefetch_block(v_pool + table[b + 1] * block_size * slot_stride + kv_head * dim,
-                       std::min(block_size, ctx - first - block_size), slot_stride, dim);
+        prefetch_block(v_pool + table[b + 1] * block_size * slot_stride + first_head * dim,
+                       std::min(block_size, ctx - first - block_size), slot_stride, width);
       }
       for (int64_t i = 0; i < n; ++i) {
-        const Acc* value = load_row<T, Acc>(values + i * slot_stride, dim, row_buffer.data());
-        for (int64_t j = 0; j < group; ++j) {
-          axpy(sums.data() + j * dim, scores[j * ctx + first + i], value, dim);
+        const Acc* value = load_row<T, Acc>(values + i * slot_stride, width, row_buffer.data());
+        for (int64_t h = 0; h < heads; ++h) {
+          axpy(sums.data() + h * dim, scores[h * ctx + first + i], value + (h / group) * dim, dim);
         }
       }
     }
-    T* out_group = out + (row * num_heads + kv_head * group) * dim;
-    for (int64_t j = 0; j < group; ++j) {
+    T* out_run = out + (row * num_heads + first_head * group) * dim;
+    for (int64_t h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < dim; ++i) {
-        out_group[j * dim + i] = detail::from_compute<T>(sums[j * dim + i] / normaliser[j]);
+        out_run[h * dim + i] = detail::from_compute<T>(sums[h * dim + i] / normaliser[h]);
       }
     }
   }

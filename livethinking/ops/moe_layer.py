@@ -2,8 +2,11 @@
 
 CUDA: the Triton kernels of ``livethinking.kernels.fused_moe`` (gather in the first
 GEMM, SiLU·mul epilogue, deterministic combine), routed by the C++ ``moe_align``.
-CPU: the C++ routing ops around one matmul pair per expert that receives tokens (on
-the CPU reading the per-expert counts costs nothing), differentiable end to end.
+CPU: the C++ routing ops around the expert GEMMs: without autograd (inference) one
+``torch._grouped_mm`` per projection over all experts' rows (at decode, a few rows per
+expert, 1.4–1.9× the per-expert loop; the same values), else one matmul pair per expert
+that receives tokens (on the CPU reading the per-expert counts costs nothing),
+differentiable end to end (the grouped GEMM has no CPU backward).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 
 def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment):
     rows = moe_permute(x, alignment)  # (T·k, H), grouped by expert
+    wants_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, w_gate_up, w_down, topk_weights))
+    if not wants_grad and hasattr(torch, "_grouped_mm"):
+        y = _grouped_experts(rows, w_gate_up, w_down, alignment)
+        if y is not None:
+            return moe_unpermute(y, alignment, topk_weights)
     counts = alignment.tokens_per_expert.tolist()
     # unbind once: its backward stacks the experts' gradients into one tensor, where
     # indexing w[e] per expert would add a full-size zero gradient per expert
@@ -49,3 +58,14 @@ def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment):
         outputs.append(F.linear(F.silu(gate) * up, down_experts[expert]))  # (rows_e, H)
     y = torch.cat(outputs) if outputs else rows.new_zeros(0, w_down.shape[1])
     return moe_unpermute(y, alignment, topk_weights)
+
+
+def _grouped_experts(rows, w_gate_up, w_down, alignment):
+    """The experts' SwiGLU on their rows (T·k, H) by two grouped GEMMs, or None where this
+    torch has no CPU grouped GEMM for these inputs."""
+    ends = torch.cumsum(alignment.tokens_per_expert, 0).to(torch.int32)  # (E,) end of each group
+    try:
+        gate, up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
+    except (RuntimeError, NotImplementedError):
+        return None
