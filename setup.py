@@ -106,6 +106,7 @@ def extension():
     sources = [
         os.path.join(csrc, "cpu", "moe_routing_cpu.cpp"),
         os.path.join(csrc, "cpu", "paged_attention_cpu.cpp"),
+        os.path.join(csrc, "cpu", "rms_norm_cpu.cpp"),
         os.path.join(csrc, "torch", "torch_bindings.cpp"),
         os.path.join(csrc, "torch", "python_module.cpp"),
     ]

@@ -16,39 +16,15 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.h"
 #include "float_convert.h"
 #include "livethinking/paged_attention.h"
 
 namespace lt = livethinking;
 namespace det = livethinking::cpu::detail;
+using livethinking::test::g_case;
 
 namespace {
-
-long g_passed = 0;
-long g_failed = 0;
-char g_case[160] = "";
-
-#define CHECK(cond, ...)                                                  \
-  do {                                                                    \
-    if (cond) {                                                           \
-      ++g_passed;                                                         \
-    } else if (++g_failed <= 50) {                                        \
-      std::printf("FAIL %s:%d [%s] %s: ", __FILE__, __LINE__, g_case, #cond); \
-      std::printf(__VA_ARGS__);                                           \
-      std::printf("\n");                                                  \
-    }                                                                     \
-  } while (0)
-
-#define CHECK_THROWS(stmt)                                                     \
-  do {                                                                         \
-    bool thrown = false;                                                       \
-    try {                                                                      \
-      stmt;                                                                    \
-    } catch (const std::invalid_argument&) {                                   \
-      thrown = true;                                                           \
-    }                                                                          \
-    CHECK(thrown, "expected std::invalid_argument from %s", #stmt);            \
-  } while (0)
 
 using ll = long long;
 std::mt19937 g_rng(20261204u);
@@ -216,7 +192,7 @@ void test_invalid_arguments() {
                                     4, t, 1, c, 0.5, 0, 2 * kv_heads, out);
   };
   call(2, 1, tables, ctx);  // valid: no throw
-  ++g_passed;
+  ++livethinking::test::g_passed;
   CHECK_THROWS(call(3, 2, tables, ctx));  // heads not a multiple of kv heads
   int64_t bad_block[2] = {0, 2};
   CHECK_THROWS(call(2, 1, bad_block, ctx));  // block id 2 of 2 blocks
@@ -239,6 +215,5 @@ int main() {
     test_case(0, 4, 2, 8, 4, {}, dtype);  // no rows
   }
   test_invalid_arguments();
-  std::printf("%ld passed, %ld failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return livethinking::test::report();
 }

@@ -11,6 +11,7 @@
 
 #include "livethinking/moe_routing.h"
 #include "livethinking/paged_attention.h"
+#include "livethinking/rms_norm.h"
 #include "routing_op_args.h"
 
 namespace livethinking::torch_ops {
@@ -163,6 +164,28 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   return out;
 }
 
+// RMSNorm over the last dimension of x (any leading shape), weight (size,) of x's dtype.
+// Inference only: no autograd formula (training takes torch's rms_norm).
+at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  TORCH_CHECK(x_in.dim() >= 1, "x must have at least one dimension");
+  const int64_t size = x_in.size(-1);
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == size, "weight must be (", size,
+              ",) like x's last dimension, got ", weight_in.sizes());
+  TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type(), "x and weight must share a dtype, got ",
+              x_in.scalar_type(), " and ", weight_in.scalar_type());
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  check_same_device(x_in, "x", weight_in, "weight");
+  const DType dtype = storage_dtype(x_in, "x");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t rows = size == 0 ? 0 : x.numel() / size;
+  at::parallel_for(0, rows, grain(size * x.element_size() * 2), [&](int64_t begin, int64_t end) {
+    cpu::rms_norm(x.data_ptr(), weight.data_ptr(), dtype, rows, size, eps, begin, end,
+                  out.data_ptr());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(livethinking, m) {
@@ -184,6 +207,7 @@ TORCH_LIBRARY(livethinking, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables,"
       " Tensor context_lens, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
@@ -193,6 +217,7 @@ TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
   m.impl("moe_unpermute", &unpermute_cpu);
   m.impl("moe_pair_dot", &pair_dot_cpu);
   m.impl("paged_decode_attention", &paged_decode_attention_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
 }
 
 }  // namespace livethinking::torch_ops

@@ -12,14 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from livethinking import _extension
 from livethinking.ops import fused_moe, moe_topk_softmax
 
 __all__ = ["DenseMLP", "MoeExperts", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
            "apply_rotary"]
 
+_NATIVE_RMS_NORM = _extension.compiled_library is not None  # the C++ op exists
+
 
 class RMSNorm(nn.Module):
-    """y = w · (x / sqrt(mean(x²) + eps)); the normalisation in fp32, as transformers does."""
+    """y = w · (x / sqrt(mean(x²) + eps)); the normalisation in fp32, as transformers does.
+
+    Without autograd on the CPU (the engine's steps) one C++ op,
+    ``torch.ops.livethinking.rms_norm`` (the ~9 tensor ops of the composite cost more than
+    the arithmetic at decode sizes); otherwise torch's ``rms_norm``."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -27,6 +34,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and _NATIVE_RMS_NORM
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.livethinking.rms_norm(x, self.weight, self.eps)
         # torch's rms_norm: x · rsqrt(mean(x²) + eps), the same ops in one call
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)

@@ -7,7 +7,11 @@ CUDA runs the Triton kernels of ``livethinking.kernels.fused_linear_logprobs`` (
 log-sum-exp over vocabulary tiles). CPU — and float64 on CUDA, which Triton's tl.dot
 cannot compile for — runs the same math over chunks of rows in PyTorch: at most
 ``chunk_rows × V`` fp32 (fp64) logits exist at a time, in the forward and in the
-backward (which recomputes them), so peak memory is flat in N.
+backward (which recomputes them), so peak memory is flat in N. What bounds the CPU path:
+four N·H·V GEMMs for forward + backward (the forward's logits, their recomputation, dh,
+dW) — the upstream gradient of log-probs is unknown in the forward. A scalar loss that is
+token-local needs only three: ``livethinking.ops.fused_token_loss`` (which
+``fused_linear_grpo_loss`` uses on CPU).
 """
 
 from __future__ import annotations

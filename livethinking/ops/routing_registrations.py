@@ -1,5 +1,6 @@
 """Fake (meta) kernels and autograd formulas of the ``torch.ops.livethinking`` routing ops,
-and the fake kernel of ``paged_decode_attention`` (inference only: no autograd formula).
+and the fake kernels of ``paged_decode_attention`` and ``rms_norm`` (inference only: no
+autograd formula).
 
 Fake kernels give output shapes from input shapes alone (they work with symbolic
 sizes under ``torch.compile``). Gradients, for a pair p = (t, j) routed to row r:
@@ -35,6 +36,11 @@ def _topk_softmax_fake(router_logits, top_k, renormalize=True):
 @torch.library.register_fake(_LIB + "paged_decode_attention")
 def _paged_decode_attention_fake(q, k_pool, v_pool, block_tables, context_lens, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_LIB + "rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_LIB + "moe_align")
