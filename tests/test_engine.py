@@ -142,7 +142,7 @@ def test_sampler_frequencies_follow_the_truncated_distribution(generator):
     vocab, rows = 7, 20000
     logits = torch.randn(1, vocab, generator=generator).expand(rows, vocab)
     batch = SamplingBatch(temperature=torch.full((rows,), 0.8), top_k=torch.full((rows,), 5),
-                          top_p=torch.full((rows,), 0.9), generators=[None] * rows,
+                          top_p=torch.full((rows,), 0.9), keys=[None] * rows, counters=[0] * rows,
                           needs_truncation=True, all_greedy=False)
     tokens, _ = sample(logits, batch, torch.Generator().manual_seed(int(generator.initial_seed())))
     probs = torch.softmax(logits[0].double() / 0.8, -1)
@@ -157,6 +157,35 @@ def test_sampler_frequencies_follow_the_truncated_distribution(generator):
     assert torch.all(counts[expected == 0] == 0)
     # 5 standard errors of a binomial frequency
     assert torch.all((counts - expected).abs() <= 5 * (expected * (1 - expected) / rows).sqrt() + 1e-12)
+
+
+def test_seeded_rows_follow_the_distribution_and_their_counter(generator):
+    """Seeded rows draw by the inverse CDF of a counter uniform: over many (key, counter)
+    pairs the frequencies are the distribution's; the same pair gives the same token in any
+    batch; the uniforms are uniform (a Kolmogorov-Smirnov bound)."""
+    from livethinking.engine.sampler import SamplingBatch, counter_uniform, sample
+
+    vocab, rows = 6, 20000
+    logits = torch.randn(1, vocab, generator=generator).expand(rows, vocab)
+
+    def batch(keys, counters):
+        n = len(keys)
+        return SamplingBatch(temperature=torch.full((n,), 1.0), top_k=torch.zeros(n, dtype=torch.long),
+                             top_p=torch.ones(n), keys=keys, counters=counters,
+                             needs_truncation=False, all_greedy=False)
+
+    keys = [1234567 + 7919 * (i % 97) for i in range(rows)]
+    counters = [i // 97 for i in range(rows)]
+    tokens, _ = sample(logits, batch(keys, counters), None)
+    probs = torch.softmax(logits[0].double(), -1)
+    counts = torch.bincount(tokens, minlength=vocab).double() / rows
+    assert torch.all((counts - probs).abs() <= 5 * (probs * (1 - probs) / rows).sqrt())
+    alone, _ = sample(logits[:3], batch(keys[5:8], counters[5:8]), None)  # another batch
+    assert torch.equal(alone, tokens[5:8])
+    u = torch.tensor(sorted(counter_uniform(k, c) for k, c in zip(keys, counters)), dtype=torch.float64)
+    assert u.min() >= 0 and u.max() < 1
+    ks = (torch.arange(1, rows + 1, dtype=torch.float64) / rows - u).abs().max()
+    assert ks <= 1.63 / rows**0.5  # the 1 % critical value
 
 
 # ------------------------------------------------------------------ prefix cache

@@ -19,9 +19,16 @@ def _llm(checkpoint, **kw):
 
 
 def _trainer_logprobs(model, ids, num_prompt, routes=None):
+    """The trainer's log-probs of ids[num_prompt:] from a full forward, replaying
+    ``routes`` (len − 1 rows) if given. The last token's experts, which the engine does not
+    report, come from a free forward: they change no log-prob, but they do change the
+    expert GEMMs' row counts, and so on the CPU those GEMMs' last bits."""
     t = torch.tensor([ids])
-    out = model.forward_hidden(t, routed_experts=None if routes is None
-                               else torch.cat([routes, routes[-1:]])[None].int())
+    replay = None
+    if routes is not None:
+        last = model.forward_hidden(t, return_routes=True).routed_experts[0, -1:]
+        replay = torch.cat([routes.int(), last.int()])[None]
+    out = model.forward_hidden(t, routed_experts=replay)
     hidden = out.hidden_states[0, num_prompt - 1:-1]
     return ops.fused_linear_logprobs(hidden, model.lm_head.weight, t[0, num_prompt:]).tolist()
 

@@ -69,7 +69,10 @@ void test_case(int64_t rows, int64_t size, lt::DType dtype, double unit) {
       const double normed = widen(store<T>(widen(x[r * size + k]) * inverse));
       const double want = widen(w[k]) * normed;
       const double got = widen(out[r * size + k]);
-      const double budget = (4 * unit + (size + 8) * acc) * std::fabs(want) + 1e-300;
+      // relative, plus (fp16) the spacing of normed's subnormals, 2^-24, times |w|
+      const double spacing = dtype == lt::DType::kFloat16 ? std::ldexp(1.0, -24) : 0.0;
+      const double budget = (4 * unit + (size + 8) * acc) * std::fabs(want) +
+                            4 * spacing * std::fabs(widen(w[k])) + 1e-300;
       CHECK(std::fabs(got - want) <= budget, "[%lld, %lld]: got %.9g want %.9g", (long long)r,
             (long long)k, got, want);
     }

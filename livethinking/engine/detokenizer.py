@@ -58,6 +58,12 @@ class IncrementalDetokenizer:
             if self.tokenizer is not None and self.read < len(self.ids):  # decode once
                 self.text, self.read = self._decode(self.ids), len(self.ids)
             return self.text
+        if finished and not self.stopped and self.read < len(self.ids):
+            # the tail held back as an incomplete character (U+FFFD) is final now: the
+            # finished text is the whole decode, as with incremental=False
+            before = self._decode(self.ids[self.prefix:self.read])
+            self.text += self._decode(self.ids[self.prefix:])[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
         if finished or not self.holdback:
             return self.text
         return self.text[:max(0, len(self.text) - self.holdback)]

@@ -17,8 +17,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from livethinking.engine.block_manager import BlockManager
 from livethinking.engine.config import EngineConfig, EngineFullError, EngineStats
 from livethinking.engine.detokenizer import IncrementalDetokenizer
@@ -43,10 +41,11 @@ class _Request:
     first_token_time: float | None = None
 
 
-def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+def _noise_key(seed: int | None, index: int) -> int | None:
+    """The sampler's key of sample ``index`` of a request seeded with ``seed``."""
     if seed is None:
         return None
-    return torch.Generator(device).manual_seed((seed * 0x9E3779B1 + index) % 2**63)
+    return (seed * 0x9E3779B1 + index) % 2**63
 
 
 class LLMEngine:
@@ -91,10 +90,9 @@ class LLMEngine:
         now = time.perf_counter() if arrival_time is None else arrival_time
         request = _Request(request_id, ids, params,
                            min(params.max_tokens, self.max_model_len - len(ids)), now)
-        device = self.runner.device
         for i in range(params.n):
             request.seqs.append(Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids),
-                                         params, _generator(params.seed, i, device)))
+                                         params, _noise_key(params.seed, i)))
             request.detokenizers.append(IncrementalDetokenizer(
                 self.tokenizer, params.stop, incremental=params.output_kind == "cumulative"))
         request.seqs[0].needs_fork = params.n > 1
@@ -241,7 +239,7 @@ class LLMEngine:
             if chunk.completes:
                 seqs = self.requests[chunk.seq.request_id].seqs if chunk.seq.needs_fork \
                     else [chunk.seq]
-                draws += [Draw(row, s.params, s.generator) for s in seqs]
+                draws += [Draw(row, s.params, s.noise_key, s.num_output_tokens) for s in seqs]
         model_began = time.perf_counter()
         tokens, logprobs = self.runner.execute(chunks, draws)
         model_seconds = time.perf_counter() - model_began

@@ -39,7 +39,8 @@ class Draw:
 
     row: int
     params: SamplingParams
-    generator: torch.Generator | None
+    key: int | None  # the seeded sample's noise key (None: the engine's generator)
+    counter: int  # tokens the sample drew before this one
 
 
 class ModelRunner:
@@ -240,7 +241,7 @@ class ModelRunner:
             temperature=tensor([p.temperature for p in params], torch.float32),
             top_k=tensor([p.top_k for p in params], torch.long),
             top_p=tensor([p.top_p for p in params], torch.float32),
-            generators=[d.generator for d in draws],
+            keys=[d.key for d in draws], counters=[d.counter for d in draws],
             needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
             all_greedy=all(p.greedy for p in params),
             needs_logprobs=any(p.logprobs for p in params))

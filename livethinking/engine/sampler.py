@@ -2,11 +2,14 @@
 
 For row r with logits z: ``logprob = (z / t)[token] − logsumexp(z / t)`` = log softmax(z /
 t)[token] (t = 1 for greedy rows), reported before truncation, and only computed when some
-row of the batch asks for log-probs (``needs_logprobs``). Greedy rows take argmax z. Other rows keep the top_k largest
-and the smallest prefix of the sorted distribution whose mass reaches top_p, and draw
-``argmax_i p_i / q_i`` with q_i ~ Exp(1) (the exponential race, equivalent to sampling
-from p). Seeded rows draw q from their own generator, so their samples do not depend on
-what else is in the batch; the others share the engine's generator.
+row of the batch asks for log-probs (``needs_logprobs``). Greedy rows take argmax z. Other
+rows keep the top_k largest and the smallest prefix of the sorted distribution whose mass
+reaches top_p, and draw by the inverse CDF: the first token whose cumulative probability
+(fp64, in vocabulary order) exceeds u · total for one uniform u ∈ [0, 1) per row — one
+uniform per row, not V noise values. A seeded row's u is a counter-based hash
+(splitmix64) of its key (the request's seed and sample index) and its draw count, so its
+samples depend on neither the batch nor the order of steps, with no per-row generator
+call; the other rows' u come from the engine's generator in one call.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingBatch", "sample"]
+__all__ = ["SamplingBatch", "counter_uniform", "sample"]
 
 
 @dataclass(slots=True)
@@ -23,20 +26,37 @@ class SamplingBatch:
     temperature: torch.Tensor  # (R,) float32, 0 = greedy
     top_k: torch.Tensor  # (R,) long, 0 = off
     top_p: torch.Tensor  # (R,) float32
-    generators: list[torch.Generator | None]  # per row; None = the shared generator
+    keys: list[int | None]  # per row: the seeded row's noise key; None = the shared generator
+    counters: list[int]  # per row: the draws it made before this one
     needs_truncation: bool  # any row with top_k > 0 or top_p < 1
     all_greedy: bool
     needs_logprobs: bool = True  # any row that reports log-probs
 
 
-def _exponential_noise(shape, generators, shared, device) -> torch.Tensor:
-    noise = torch.empty(shape, device=device, dtype=torch.float32)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if len(seeded) < len(generators):
-        noise.exponential_(generator=shared)
-    for i in seeded:
-        noise[i].exponential_(generator=generators[i])
-    return noise
+_MASK64 = (1 << 64) - 1
+
+
+def counter_uniform(key: int, counter: int) -> float:
+    """u ∈ [0, 1) with 53 random bits: splitmix64's finaliser of key ⊕ counter·φ."""
+    z = ((key ^ (counter * 0x9E3779B97F4A7C15)) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+def _uniforms(batch: SamplingBatch, shared, device) -> torch.Tensor:
+    """(R,) float64: the seeded rows' counter uniforms, the others' from ``shared``."""
+    rows = len(batch.keys)
+    values = [0.0 if k is None else counter_uniform(k, c) for k, c in zip(batch.keys, batch.counters)]
+    u = torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    unseeded = [i for i, k in enumerate(batch.keys) if k is None]
+    if unseeded:
+        drawn = torch.rand(rows, generator=shared, dtype=torch.float64, device=device)
+        if len(unseeded) == rows:
+            return drawn
+        keep = torch.tensor([k is None for k in batch.keys], device=device)
+        u = torch.where(keep, drawn, u)
+    return u
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator | None
@@ -54,9 +74,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator |
         filtered = scaled
         if batch.needs_truncation:
             filtered = _truncate(scaled, batch.top_k, batch.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        noise = _exponential_noise(probs.shape, batch.generators, shared, probs.device)
-        drawn = (probs / noise).argmax(dim=-1)
+        cdf = torch.softmax(filtered, dim=-1).double().cumsum(dim=-1)  # (R, V)
+        target = _uniforms(batch, shared, cdf.device) * cdf[:, -1]  # (R,)
+        drawn = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+        drawn = drawn.clamp_(max=cdf.shape[-1] - 1)  # u·total rounding up to the total
         tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
     if not batch.needs_logprobs:
         return tokens, None

@@ -33,7 +33,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator | None = None  # per-sample, when the request is seeded
+    noise_key: int | None = None  # the sampler's per-sample key, when the request is seeded
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -72,8 +72,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         batch, steps, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, steps, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(batch, steps, -1, self.head_dim)).transpose(1, 2)
+        fast = inputs.kv_cache is not None  # the engine's steps: its inference kernels
+        q = self.q_norm(self.q_proj(x).view(batch, steps, -1, self.head_dim), fast).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, steps, -1, self.head_dim), fast).transpose(1, 2)
         v = self.v_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, inputs.cos, inputs.sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)  # (B, heads, T, D)

@@ -24,17 +24,18 @@ _NATIVE_RMS_NORM = _extension.compiled_library is not None  # the C++ op exists
 class RMSNorm(nn.Module):
     """y = w · (x / sqrt(mean(x²) + eps)); the normalisation in fp32, as transformers does.
 
-    Without autograd on the CPU (the engine's steps) one C++ op,
-    ``torch.ops.livethinking.rms_norm`` (the ~9 tensor ops of the composite cost more than
-    the arithmetic at decode sizes); otherwise torch's ``rms_norm``."""
+    ``forward(x, fast=True)`` (the engine's steps) without autograd on the CPU runs one C++
+    op, ``torch.ops.livethinking.rms_norm`` (the ~9 tensor ops of the composite cost more
+    than the arithmetic at decode sizes; its sum order differs, so the last bits may);
+    otherwise torch's ``rms_norm``, the trainer's numerics."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and _NATIVE_RMS_NORM
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if (fast and x.device.type == "cpu" and x.dtype == self.weight.dtype and _NATIVE_RMS_NORM
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.livethinking.rms_norm(x, self.weight, self.eps)
         # torch's rms_norm: x · rsqrt(mean(x²) + eps), the same ops in one call
@@ -94,8 +95,9 @@ class MoeExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
-    def forward(self, x, topk_weights, topk_ids) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+    def forward(self, x, topk_weights, topk_ids, fast: bool = False) -> torch.Tensor:
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+                         grouped=fast)
 
 
 class SparseMoeBlock(nn.Module):
@@ -118,8 +120,8 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
-    def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None,
+                fast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])
         router_logits = self.gate(flat)  # (tokens, E)
         if replay_ids is None:
@@ -134,5 +136,5 @@ class SparseMoeBlock(nn.Module):
         topk_weights = probs.gather(1, topk_ids.long())  # (tokens, k) fp32
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
-        out = self.experts(flat, topk_weights, topk_ids)
+        out = self.experts(flat, topk_weights, topk_ids, fast=fast)
         return out.reshape(x.shape), router_logits, topk_ids

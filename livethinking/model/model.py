@@ -110,10 +110,11 @@ class DecoderLayer(nn.Module):
         """Returns the new hidden states, the router logits and the expert ids used (None,
         None for a dense layer); ``replay_ids`` (tokens, k): the experts to use instead of
         the router's top-k (routing replay)."""
-        x = x + self.self_attn(self.input_layernorm(x), inputs)
-        h = self.post_attention_layernorm(x)
+        fast = inputs.kv_cache is not None  # the engine's steps: its inference kernels
+        x = x + self.self_attn(self.input_layernorm(x, fast), inputs)
+        h = self.post_attention_layernorm(x, fast)
         if self.is_moe:
-            h, router_logits, ids = self.mlp(h, replay_ids)
+            h, router_logits, ids = self.mlp(h, replay_ids, fast)
         else:
             h, router_logits, ids = self.mlp(h), None, None
         return x + h, router_logits, ids
@@ -161,7 +162,7 @@ class CausalLM(nn.Module):
             if logits is not None:
                 router_logits.append(logits)
                 routes.append(ids)
-        return self.model.norm(x), router_logits, routes
+        return self.model.norm(x, inputs.kv_cache is not None), router_logits, routes
 
     def check_routes(self, routed_experts: torch.Tensor, tokens: int) -> torch.Tensor:
         """``routed_experts`` as (tokens, MoE layers, k) int32, or ValueError naming what

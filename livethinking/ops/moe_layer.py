@@ -2,11 +2,11 @@
 
 CUDA: the Triton kernels of ``livethinking.kernels.fused_moe`` (gather in the first
 GEMM, SiLU·mul epilogue, deterministic combine), routed by the C++ ``moe_align``.
-CPU: the C++ routing ops around the expert GEMMs: without autograd (inference) one
-``torch._grouped_mm`` per projection over all experts' rows (at decode, a few rows per
-expert, 1.4–1.9× the per-expert loop; the same values), else one matmul pair per expert
-that receives tokens (on the CPU reading the per-expert counts costs nothing),
-differentiable end to end (the grouped GEMM has no CPU backward).
+CPU: the C++ routing ops around the expert GEMMs: asked for (``grouped``, the engine's
+steps) and without autograd, one ``torch._grouped_mm`` per projection over all experts'
+rows (at decode, a few rows per expert, 1.4–1.9× the per-expert loop); otherwise one
+matmul pair per expert that receives tokens (on the CPU reading the per-expert counts
+costs nothing), differentiable end to end (the grouped GEMM has no CPU backward).
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ __all__ = ["fused_moe"]
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              grouped: bool = False) -> torch.Tensor:
     """out[t] = Σ_j w[t, j] · W_down[e] (silu(W_gate[e] x[t]) ⊙ W_up[e] x[t]), e = topk_ids[t, j].
 
     x (T, H); w_gate_up (E, 2I, H) with the gate rows first and w_down (E, H, I), as
     transformers' Qwen3-MoE stores them; topk_weights, topk_ids (T, k). fp32
     accumulation; output in x's dtype. Differentiable in x, both weights and
-    topk_weights (so the router trains).
+    topk_weights (so the router trains). ``grouped`` (the engine's steps): on the CPU
+    without autograd, grouped GEMMs over all experts (faster at decode; not always bit
+    for bit the per-expert loop the trainer runs).
     """
     triton_moe.check_fused_moe_inputs(x, w_gate_up, w_down, topk_weights, topk_ids)
     num_experts = w_gate_up.shape[0]
@@ -35,14 +38,14 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     if x.is_cuda:
         routing = (alignment.sorted_ids, alignment.expert_offsets, alignment.row_of_pair)
         return triton_moe.fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, routing=routing)
-    return _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment)
+    return _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment, grouped)
 
 
-def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment):
+def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment, grouped):
     rows = moe_permute(x, alignment)  # (T·k, H), grouped by expert
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate_up, w_down, topk_weights))
-    if not wants_grad and hasattr(torch, "_grouped_mm"):
+    if grouped and not wants_grad and hasattr(torch, "_grouped_mm"):
         y = _grouped_experts(rows, w_gate_up, w_down, alignment)
         if y is not None:
             return moe_unpermute(y, alignment, topk_weights)
