@@ -6,7 +6,7 @@ weights, same greedy tokens, in one run.
 
 For each model and batch N: N random prompts of ``--prompt`` tokens, ``--new-tokens``
 generated greedily with ``ignore_eos`` (every sequence runs to the end, so both sides make
-the same number of tokens), tokens/s = N · new / wall seconds (best of ``--repeats`` after
+the same number of tokens) and, like ``generate``, no log-probs (``logprobs=False``), tokens/s = N · new / wall seconds (best of ``--repeats`` after
 one warm-up). "cumulative outputs" is our engine driven as ``LLM.generate`` drove it before
 ``output_kind="final_only"``: every step reports every advanced request and detokenises
 its new token (a byte-level BPE of the model's vocabulary). Ours also reports its decode-step host time: the wall time of decode steps

@@ -209,6 +209,8 @@ class ModelRunner:
         fresh = all(c.seq.num_computed == 0 and c.num_tokens == chunks[0].num_tokens
                     for c in chunks)
         hidden = self._forward(*inputs, fresh=fresh)
+        if all(c.num_tokens == hidden.shape[1] for c in chunks):  # no padding: the last column
+            return hidden[:, -1]
         last = torch.tensor([c.num_tokens - 1 for c in chunks], device=self.device)
         return hidden[torch.arange(len(chunks), device=self.device), last]
 
@@ -221,8 +223,8 @@ class ModelRunner:
             hidden = self._last_hidden(chunks)
         if not draws:
             return [], []
-        rows = torch.tensor([d.row for d in draws], device=self.device)
-        hidden = hidden[rows]  # (R, H)
+        if [d.row for d in draws] != list(range(hidden.shape[0])):  # forks repeat a row
+            hidden = hidden[torch.tensor([d.row for d in draws], device=self.device)]  # (R, H)
         logits = self.model.compute_logits(hidden).float()  # (R, V)
         batch = self._sampling_batch(draws)
         tokens, logprobs = sample(logits, batch, self.shared_generator)
@@ -237,13 +239,16 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        return SamplingBatch(
-            temperature=tensor([p.temperature for p in params], torch.float32),
-            top_k=tensor([p.top_k for p in params], torch.long),
-            top_p=tensor([p.top_p for p in params], torch.float32),
+        all_greedy = all(p.greedy for p in params)
+        truncation = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+        empty = torch.empty(0, device=self.device)  # a field the sampler will not read
+        return SamplingBatch(  # tensors only for what the sampler reads
+            temperature=empty if all_greedy else tensor([p.temperature for p in params],
+                                                        torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.long) if truncation else empty,
+            top_p=tensor([p.top_p for p in params], torch.float32) if truncation else empty,
             keys=[d.key for d in draws], counters=[d.counter for d in draws],
-            needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-            all_greedy=all(p.greedy for p in params),
+            needs_truncation=truncation, all_greedy=all_greedy,
             needs_logprobs=any(p.logprobs for p in params))
 
     @torch.no_grad()

@@ -23,9 +23,9 @@ __all__ = ["SamplingBatch", "counter_uniform", "sample"]
 
 @dataclass(slots=True)
 class SamplingBatch:
-    temperature: torch.Tensor  # (R,) float32, 0 = greedy
-    top_k: torch.Tensor  # (R,) long, 0 = off
-    top_p: torch.Tensor  # (R,) float32
+    temperature: torch.Tensor  # (R,) float32, 0 = greedy (read unless all_greedy)
+    top_k: torch.Tensor  # (R,) long, 0 = off (read only if needs_truncation)
+    top_p: torch.Tensor  # (R,) float32 (read only if needs_truncation)
     keys: list[int | None]  # per row: the seeded row's noise key; None = the shared generator
     counters: list[int]  # per row: the draws it made before this one
     needs_truncation: bool  # any row with top_k > 0 or top_p < 1
