@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "trajectories -> multi-turn GRPO with per-turn credit")
     demo.add_argument("--format", choices=["cot", "post_cot"], default="cot",
                       help="relevance: the response format every stage trains and reads: cot "
-                           "(reasoning, then label; what the tiny student learns) or post_cot "
-                           "(label first, TaoSR1's deployed form, read in one forward)")
+                           "(reasoning, then label) or post_cot (label first, TaoSR1's deployed "
+                           "form, read in one forward; its SFT stage is label-first SFT on "
+                           "extra synthetic queries)")
     demo.add_argument("--out", default="livethinking-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", choices=["quick", "default", "large"], default="default",

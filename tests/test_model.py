@@ -331,7 +331,7 @@ def test_parity_with_the_triton_moe_kernels(case, monkeypatch):
     from livethinking.kernels.fused_moe import fused_moe as triton_fused_moe
 
     calls = []
-    monkeypatch.setattr(layers, "fused_moe", lambda *a: calls.append(1) or triton_fused_moe(*a))
+    monkeypatch.setattr(layers, "fused_moe", lambda *a, grouped=False: calls.append(1) or triton_fused_moe(*a))
     hf, ours = _pair(case)
     ids = _ids(2, 7)
     out = hf(ids, output_router_logits=True)

@@ -12,18 +12,22 @@ from livethinking.tasks.relevance import load_relevance_records
 STAGES = ["before training", "after CoT SFT", "after pass@N DPO", "after GRPO"]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def _quick_demo(out, *extra):
+    """(exit code, out) of the quick relevance demo, the caller's torch threads restored."""
     import torch
 
     threads = torch.get_num_threads()
-    out = tmp_path_factory.mktemp("relevance_demo")
     try:
-        code = main(["demo", "--task", "relevance", "--size", "quick", "--threads", "1",
+        code = main(["demo", "--task", "relevance", "--size", "quick", *extra, "--threads", "1",
                      "--quiet", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     return code, out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _quick_demo(tmp_path_factory.mktemp("relevance_demo"))
 
 
 def test_every_stage_runs_and_is_reported(quick_run):
@@ -77,6 +81,31 @@ def test_relevance_data_command(tmp_path, capsys):
     assert "livestream options" in capsys.readouterr().err
     assert main(["data", "make-demo", "--task", "relevance", "--out", str(tmp_path / "f"),
                  "--products", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def quick_label_first_run(tmp_path_factory):
+    return _quick_demo(tmp_path_factory.mktemp("relevance_demo_post_cot"), "--format", "post_cot")
+
+
+def test_label_first_demo_trains_the_first_token_on_its_own_data(quick_label_first_run):
+    """post_cot: label-first SFT on the extra label queries in the query_doc_query layout,
+    then DPO and GRPO in that layout; the first token carries the tier after SFT."""
+    code, out = quick_label_first_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["size"]["output_format"] == "post_cot"
+    rows = results["rows"]
+    assert [r["model"] for r in rows] == ["before training", "after label-first SFT",
+                                          "after pass@N DPO", "after GRPO"]
+    extra = load_relevance_records(out / "data" / "label_train.jsonl").items
+    assert len(extra) == results["size"]["label_products"] * results["size"]["queries_per_product"]
+    # SFT teaches the label-first format (the quick H=64 student, 200 steps, no more)
+    assert rows[1]["format"] > rows[0]["format"]
+    assert rows[1]["decoded_unparseable"] < rows[0]["decoded_unparseable"]
+    for r in rows:
+        assert 0.0 <= r["argmax_accuracy"] <= 1.0 and 0 < r["label_first_ms"] < r["full_cot_ms"]
+    assert (out / "sft" / "config.json").exists()
 
 
 def test_the_report_names_the_format(quick_run):

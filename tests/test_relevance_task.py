@@ -15,6 +15,7 @@ from livethinking.rewards import (Judge, LivestreamReward, RelevanceFormatJudge,
                                   RelevanceLabelJudge, Verdict, relevance_judges)
 from livethinking.tasks.livestream import ATTRIBUTES
 from livethinking.tasks.livestream.demo_data import CATEGORIES
+from livethinking.tasks.relevance.prompt import LABEL_FIRST_PROMPT, PROMPT_LAYOUTS
 from livethinking.tasks.relevance import (CUMPT_TOLERANCE, LABEL_TEXTS, OUTPUT_FORMATS, TIERS,
                                           ParsedResponse, RelevanceRecord, accuracy, calibrate_tau, cumpt,
                                           format_response, label_distribution,
@@ -185,6 +186,22 @@ def test_messages_hold_tiers_format_document_and_query(output_format):
         record.messages(output_format="json")
 
 
+def test_label_first_layout_puts_the_query_around_the_document():
+    record = _record(product_doc="# Product: Nimbus Kettle\ncategory: kettle\ncolor: red")
+    system, user = record.messages(output_format="post_cot", layout="query_doc_query")
+    assert system == {"role": "system", "content": LABEL_FIRST_PROMPT}
+    assert user["content"] == ("Query: red kettle\n\n# Product document\ncategory: kettle\n"
+                               "color: red\n\nQuery: red kettle")
+    assert "Nimbus" not in user["content"]  # the name line is dropped
+    assert all(LABELS[k] not in system["content"] for k in TIERS)  # no tier definitions
+    assert record.messages("Grade it.", layout="query_doc_query")[0]["content"] == "Grade it."
+    with pytest.raises(ValueError, match="layout must be one of"):
+        record.messages(layout="doc_only")
+    with pytest.raises(ValueError, match="output_format"):
+        record.messages(output_format="json", layout="query_doc_query")
+    assert PROMPT_LAYOUTS == ("default", "query_doc_query")
+
+
 # --- the synthetic set --------------------------------------------------------------------
 
 def _doc_fields(doc):
@@ -291,6 +308,25 @@ def test_the_maker_is_deterministic(tmp_path, demo):
     for name in ("train", "dev", "heldout", "catalogue", "corpus"):
         assert getattr(again, name).read_bytes() == getattr(paths, name).read_bytes()
     assert other.train.read_bytes() != paths.train.read_bytes()
+
+
+def test_label_products_add_their_own_split_and_change_nothing_else(tmp_path, demo):
+    paths, splits = demo
+    more = make_relevance_demo(tmp_path / "l", seed=5, label_products=6)
+    assert paths.label_train is None and paths.num_label_train == 0
+    for name in ("train", "dev", "heldout", "catalogue", "corpus"):
+        assert getattr(more, name).read_bytes() == getattr(paths, name).read_bytes()
+    extra = load_relevance_records(more.label_train).items
+    assert len(extra) == more.num_label_train == 6 * 8
+    products = {r.id.split("-")[0] if "-" in r.id else r.id for r in extra}
+    assert products and all(r.product_doc not in {s.product_doc for s in splits["heldout"]}
+                            for r in extra)
+    for r in extra:
+        assert r.label == _expected_tier(r.query, r.product_doc)
+        assert r.reference_reasoning
+    assert Counter(r.label for r in extra) == Counter({k: 12 for k in TIERS})
+    with pytest.raises(ValueError, match="label_products"):
+        make_relevance_demo(tmp_path / "bad", label_products=-1)
 
 
 def test_the_maker_checks_its_arguments(tmp_path):

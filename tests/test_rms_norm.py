@@ -36,7 +36,7 @@ def test_op_matches_float64(shape, dtype, generator):
     assert ((out.double() - exact).abs() <= budget).all()
 
 
-def test_op_gives_the_torch_composite_within_an_ulp_and_ignores_threads(generator):
+def test_op_gives_the_torch_composite_within_the_sum_budget_and_ignores_threads(generator):
     x = torch.randn(64, 3, 96, generator=generator)
     weight = torch.randn(96, generator=generator)
     norm = RMSNorm(96, 1e-5)
@@ -44,7 +44,7 @@ def test_op_gives_the_torch_composite_within_an_ulp_and_ignores_threads(generato
         norm.weight.copy_(weight)
         native = norm(x, fast=True)
     composite = weight * torch.nn.functional.rms_norm(x, (96,), eps=1e-5)
-    assert torch.allclose(native, composite, rtol=4 * EPS[torch.float32], atol=1e-7)
+    assert torch.allclose(native, composite, rtol=(96 + 8) * EPS[torch.float32], atol=0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

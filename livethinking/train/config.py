@@ -136,6 +136,8 @@ class RFTConfig:
     task: Literal["livestream", "relevance"] = "livestream"
     output_format: Literal["cot", "post_cot"] = "cot"
     partial_credit: bool = False  # relevance: score 1 − |pred − gold| / 3, not exact label
+    # relevance: "default", or "query_doc_query" (the label-first layout, prompt.py)
+    prompt_layout: Literal["default", "query_doc_query"] = "default"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     helpful_threshold: float = 0.75
@@ -327,6 +329,7 @@ class GRPOConfig:
     task: Literal["livestream", "relevance"] = "livestream"  # as RFTConfig's
     output_format: Literal["cot", "post_cot"] = "cot"
     partial_credit: bool = False
+    prompt_layout: Literal["default", "query_doc_query"] = "default"
     steps: int = 20
     prompts_per_step: int = 8
     updates_per_batch: int = 1  # optimizer steps per rollout batch (minibatches)
@@ -429,6 +432,7 @@ class DPOConfig:
     task: Literal["livestream", "relevance"] = "livestream"
     output_format: Literal["cot", "post_cot"] = "cot"
     partial_credit: bool = False
+    prompt_layout: Literal["default", "query_doc_query"] = "default"
     sampling: PassAtNConfig = field(default_factory=PassAtNConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     beta: float = 0.1

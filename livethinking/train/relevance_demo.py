@@ -13,10 +13,14 @@ Stages, each on the same tiny random MoE student, in one response format (``outp
    first response token, one forward; cot: after the greedy reasoning), τ calibrated on
    the dev split for macro-F1, against the label parsed from a full decode.
 
-Why cot by default: the 2-layer student cannot decide the tier in the one forward that
-label-first asks of it. Trained label-first it stays at chance (25 %) at every stage; with
-the reasoning first it learns the tier (each step looks one value up). Measured in
-``benchmarks/RESULTS.md`` (the relevance demo entries).
+post_cot replaces stage 1 by label-first SFT (``relevance_label.py``): ``label_products``
+× ``queries_per_product`` extra synthetic queries (no dev or held-out product), the
+``query_doc_query`` prompt layout (the query before and after the document, no tier
+definitions), loss = 4-way CE of the first response token over the label tokens + 0.3 ·
+CE of the whole response (label, then the rule's reasoning).
+Trained as the CoT SFT stage (few queries, the teacher's samples, label weight 1 of ~40
+tokens, the tier definitions before the document) the 2-layer student stays at chance
+(25 %) label first. Measured in ``benchmarks/RESULTS.md`` (the relevance demo entries).
 
 Held-out and dev queries are about products that no training query mentions.
 """
@@ -51,6 +55,9 @@ class RelevanceDemoSize:
     max_tokens: int = 80  # a response: label and ~40 tokens of reasoning
     eval_records: int = 320
     output_format: str = "cot"  # or "post_cot": label first (TaoSR1's deployed form)
+    label_products: int = 7000  # post_cot: products of label-first SFT's extra queries
+    label_steps: int = 1100  # post_cot: label-first SFT steps of 32 queries
+    label_lr: float = 1e-3  # post_cot: label-first SFT peak lr (2e-3 stalled at chance longer)
 
     def __post_init__(self) -> None:
         from livethinking.tasks.relevance.responses import check_output_format
@@ -61,7 +68,8 @@ class RelevanceDemoSize:
     def quick(cls) -> "RelevanceDemoSize":
         return cls(products=24, queries_per_product=4, hidden=64, teacher_k=2, sft_epochs=6,
                    pass_n=4, grpo_steps=4, prompts_per_step=4, group_size=4, max_tokens=64,
-                   eval_records=16)
+                   eval_records=16, label_products=24, label_steps=200,
+                   label_lr=3e-3)
 
     @classmethod
     def large(cls) -> "RelevanceDemoSize":
@@ -95,6 +103,7 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
     from livethinking.train.demo import DemoSize, build_student, build_tokenizer, open_demo
     from livethinking.train.dpo import ACCURACY_FILE, run_dpo
     from livethinking.train.grpo import run_grpo
+    from livethinking.train.relevance_label import LabelFirstConfig, train_label_first
     from livethinking.train.relevance_measure import measure_relevance_stage
     from livethinking.train.rft import run_rft
     from livethinking.train.tasks import Task
@@ -106,13 +115,16 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
                                 threads=threads, log=log)
     stage("data", f"{size.products} products × {size.queries_per_product} queries with graded "
                   f"relevance, a BPE tokenizer, a random {size.layers}-layer student")
+    fmt = size.output_format
+    label_first = fmt == "post_cot"
     paths = make_relevance_demo(out / "data", num_products=size.products,
-                                queries_per_product=size.queries_per_product, seed=seed)
+                                queries_per_product=size.queries_per_product, seed=seed,
+                                label_products=size.label_products if label_first else 0)
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer")
     student = build_student(tokenizer, DemoSize(hidden=size.hidden, layers=size.layers,
                                                 experts=size.experts), out / "student-init", seed)
-    fmt = size.output_format
-    task = Task("relevance", output_format=fmt)
+    layout = "query_doc_query" if label_first else "default"
+    task = Task("relevance", output_format=fmt, prompt_layout=layout)
     dev = task.load(paths.dev)
     heldout = task.load(paths.heldout)[:size.eval_records]
     timings: dict[str, float] = {}
@@ -125,19 +137,32 @@ def run_relevance_demo(out: str | Path, *, size: RelevanceDemoSize | None = None
         return row
 
     rows = [measure(student, "before training")]
-    common = dict(train_data=str(paths.train), task="relevance", output_format=fmt)
+    common = dict(train_data=str(paths.train), task="relevance", output_format=fmt,
+                  prompt_layout=layout)
     run = (lambda name: RunConfig(seed=seed, progress=show, tensorboard=False,
                                   output_dir=str(out / name)))
-    stage("CoT SFT", f"{size.teacher_k} teacher samples per query, judged (label and format); "
-                     f"SFT for {size.sft_epochs} epochs")
     t = time.perf_counter()
-    sft_model = run_rft(RFTConfig(
-        model=str(student), **common, epochs=size.sft_epochs, row_tokens=512, rows_per_step=2,
-        teacher=TeacherConfig(kind="demo", k=size.teacher_k, error_rate=0.25),
-        helpful_threshold=1.0,
-        optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1), run=run("sft")), log=log)
+    if label_first:
+        stage("label-first SFT", f"{size.label_steps} steps × 32 of {paths.num_label_train} "
+                                 f"extra queries and the {paths.num_train} training ones: "
+                                 f"the first token's tier + 0.3 × the response")
+        records = task.load(paths.label_train) + task.load(paths.train)
+        sft_model = train_label_first(student, tokenizer, task, records, out / "sft",
+                                      LabelFirstConfig(steps=size.label_steps,
+                                                       lr=size.label_lr, seed=seed),
+                                      log=log)
+    else:
+        stage("CoT SFT", f"{size.teacher_k} teacher samples per query, judged (label and "
+                         f"format); SFT for {size.sft_epochs} epochs")
+        sft_model = run_rft(RFTConfig(
+            model=str(student), **common, epochs=size.sft_epochs, row_tokens=512,
+            rows_per_step=2, teacher=TeacherConfig(kind="demo", k=size.teacher_k,
+                                                   error_rate=0.25),
+            helpful_threshold=1.0,
+            optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1), run=run("sft")),
+            log=log)
     timings["sft_s"] = time.perf_counter() - t
-    rows.append(measure(sft_model, "after CoT SFT"))
+    rows.append(measure(sft_model, "after label-first SFT" if label_first else "after CoT SFT"))
     stage("pass@N DPO", f"{size.pass_n} samples per query from the SFT model; pairs of a "
                         f"right and a wrong label; DPO for {size.dpo_epochs} epoch(s)")
     t = time.perf_counter()

@@ -22,6 +22,7 @@ class Task:
     system_prompt: str | None = None
     output_format: str = "cot"  # relevance: "cot" (reasoning, then label) or "post_cot"
     partial_credit: bool = False  # relevance: 1 − |pred − gold| / 3 instead of exact label
+    prompt_layout: str = "default"  # relevance: or "query_doc_query" (prompt.PROMPT_LAYOUTS)
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -45,7 +46,8 @@ class Task:
     def messages(self, record) -> list[dict[str, str]]:
         """The record's prompt as chat messages (what an OpenAI-compatible teacher gets)."""
         if self.name == "relevance":
-            return record.messages(self.system_prompt, output_format=self.output_format)
+            return record.messages(self.system_prompt, output_format=self.output_format,
+                                   layout=self.prompt_layout)
         from livethinking.model.prompt import build_messages
 
         history = [{"role": t.role, "content": t.content} for t in record.history]
@@ -82,4 +84,5 @@ def task_of(config) -> Task:
     ``partial_credit``; absent fields take the livestream defaults)."""
     return Task(getattr(config, "task", "livestream"), getattr(config, "system_prompt", None),
                 getattr(config, "output_format", "cot"),
-                getattr(config, "partial_credit", False))
+                getattr(config, "partial_credit", False),
+                getattr(config, "prompt_layout", "default"))

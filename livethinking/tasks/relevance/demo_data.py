@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from livethinking.data import write_text_atomic
@@ -50,10 +50,12 @@ class RelevancePaths:
     dev: Path
     heldout: Path
     corpus: Path
+    label_train: Path | None  # label-first SFT's extra queries (label_products > 0)
     num_products: int
     num_train: int
     num_dev: int
     num_heldout: int
+    num_label_train: int = 0
 
 
 def _other(rng: random.Random, attr: str, value: str) -> str:
@@ -124,13 +126,20 @@ def _corpus(train: list[RelevanceRecord]) -> str:
 
 def make_relevance_demo(out_dir: str | Path, *, num_products: int = 48,
                         queries_per_product: int = 8, heldout_fraction: float = 0.2,
-                        dev_fraction: float = 0.1, seed: int = 0) -> RelevancePaths:
+                        dev_fraction: float = 0.1, seed: int = 0,
+                        label_products: int = 0) -> RelevancePaths:
     """Write ``catalogue.json`` (every product with its split), ``train.jsonl``,
     ``dev.jsonl``, ``heldout.jsonl`` (:class:`RelevanceRecord` lines) and ``corpus.txt``
     (text to train a tokenizer on: training documents, queries and both response formats,
     plus the whole value vocabulary and the prompt's text; no dev or held-out document)
     under ``out_dir``, each atomically. A positive fraction gives its split at least one
-    product; at least one product must be left for train."""
+    product; at least one product must be left for train. ``label_products`` > 0 also
+    writes ``label_train.jsonl``: that many more products (ids ``l0``, ``l1``, ...; in no
+    other split) × ``queries_per_product`` queries, the many cheap examples label-first
+    SFT needs (``relevance_label.py``); drawn after everything else, so the other files do
+    not change with it."""
+    if label_products < 0:
+        raise ValueError(f"label_products must be >= 0, got {label_products}")
     if num_products < 1:
         raise ValueError(f"num_products must be >= 1, got {num_products}")
     if queries_per_product < 1:
@@ -160,12 +169,20 @@ def make_relevance_demo(out_dir: str | Path, *, num_products: int = 48,
     paths = RelevancePaths(out_dir=out, catalogue=out / "catalogue.json",
                            train=out / "train.jsonl", dev=out / "dev.jsonl",
                            heldout=out / "heldout.jsonl", corpus=out / "corpus.txt",
+                           label_train=out / "label_train.jsonl" if label_products else None,
                            num_products=num_products, num_train=len(splits["train"]),
-                           num_dev=len(splits["dev"]), num_heldout=len(splits["heldout"]))
+                           num_dev=len(splits["dev"]), num_heldout=len(splits["heldout"]),
+                           num_label_train=label_products * queries_per_product)
     catalogue = {"seed": seed, "products": [
         {**p.to_json(), "split": split_of.get(p.id, "train")} for p in products]}
     write_text_atomic(paths.catalogue, json.dumps(catalogue, indent=1) + "\n")
     for name in ("train", "dev", "heldout"):
         write_relevance_records(getattr(paths, name), splits[name])
     write_text_atomic(paths.corpus, _corpus(splits["train"]))
+    if label_products:
+        extra: list[RelevanceRecord] = []
+        for i, product in enumerate(make_catalogue(rng, label_products)):
+            product = replace(product, id=f"l{i}")
+            extra += _records_for(rng, product, queries_per_product, i * queries_per_product)
+        write_relevance_records(paths.label_train, extra)
     return paths

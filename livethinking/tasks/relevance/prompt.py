@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from livethinking.tasks.relevance.responses import TIERS, check_output_format, format_label
 
-__all__ = ["DEFAULT_RELEVANCE_PROMPT", "TIER_DEFINITIONS", "format_instructions", "messages"]
+__all__ = ["DEFAULT_RELEVANCE_PROMPT", "LABEL_FIRST_PROMPT", "PROMPT_LAYOUTS", "TIER_DEFINITIONS",
+           "format_instructions", "messages"]
+
+# "default": system = instructions + tier definitions + the document, user = the query.
+# "query_doc_query" (label first): system = one short instruction, user = the query, the
+# document (without its "# Product:" name line), the query again. Under causal attention
+# the document's lines can attend to the query before them and the query after them to the
+# document, so the forward that emits the first response token can decide the tier
+# (benchmarks/RESULTS.md, the relevance demo: label first).
+PROMPT_LAYOUTS: tuple[str, ...] = ("default", "query_doc_query")
+LABEL_FIRST_PROMPT = "Judge how well the product matches the search query. Label first."
 
 DEFAULT_RELEVANCE_PROMPT = (
     "You judge how well a product matches a shopper's search query on an e-commerce site. "
@@ -37,17 +47,28 @@ def format_instructions(output_format: str) -> str:
     return f"Relevance tiers:\n{tiers}\n\n{shape}"
 
 
-def messages(record, system_prompt: str | None = None, *,
-             output_format: str = "cot") -> list[dict[str, str]]:
+def messages(record, system_prompt: str | None = None, *, output_format: str = "cot",
+             layout: str = "default") -> list[dict[str, str]]:
     """``[system, user]`` for ``record`` (anything with ``query`` and ``product_doc``).
     ``system_prompt`` replaces :data:`DEFAULT_RELEVANCE_PROMPT` (the opening instructions)
     only: the tier definitions and the output format are always included, since the
-    parser depends on them."""
+    parser depends on them. ``layout`` (:data:`PROMPT_LAYOUTS`): ``"query_doc_query"``
+    replaces all of it by :data:`LABEL_FIRST_PROMPT` (or ``system_prompt``) and sends the
+    query, the document and the query again as the user message (the label-first layout)."""
+    if layout not in PROMPT_LAYOUTS:
+        raise ValueError(f"layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
     query, doc = record.query, record.product_doc
     if not isinstance(query, str) or not query.strip():
         raise ValueError("record.query must be a non-empty string")
     if not isinstance(doc, str):
         raise TypeError(f"record.product_doc must be a string, got {type(doc).__name__}")
+    if layout == "query_doc_query":
+        check_output_format(output_format)
+        lines = "\n".join(l for l in doc.strip().splitlines() if not l.startswith("# Product:"))
+        asked = f"Query: {query}"
+        return [{"role": "system",
+                 "content": LABEL_FIRST_PROMPT if system_prompt is None else system_prompt},
+                {"role": "user", "content": f"{asked}\n\n# Product document\n{lines}\n\n{asked}"}]
     intro = DEFAULT_RELEVANCE_PROMPT if system_prompt is None else system_prompt
     system = f"{intro}\n\n{format_instructions(output_format)}"
     if doc.strip():

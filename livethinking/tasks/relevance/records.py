@@ -60,12 +60,12 @@ class RelevanceRecord:
             d["reference_reasoning"] = self.reference_reasoning
         return d
 
-    def messages(self, system_prompt: str | None = None, *,
-                 output_format: str = "cot") -> list[dict[str, str]]:
+    def messages(self, system_prompt: str | None = None, *, output_format: str = "cot",
+                 layout: str = "default") -> list[dict[str, str]]:
         """The chat messages asking for this pair's tier (:func:`~.prompt.messages`)."""
         from livethinking.tasks.relevance.prompt import messages
 
-        return messages(self, system_prompt, output_format=output_format)
+        return messages(self, system_prompt, output_format=output_format, layout=layout)
 
 
 def _parse(obj: object) -> RelevanceRecord:
