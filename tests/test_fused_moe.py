@@ -161,12 +161,19 @@ def test_cpu_path_matches_float64(num_tokens, num_experts, top_k, dtype, generat
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_inference_path_matches_float64_and_the_training_path(num_tokens, num_experts, top_k,
-                                                                   dtype, generator):
+                                                                   dtype, generator, monkeypatch):
     """``grouped`` without autograd: grouped GEMMs on the CPU (half the experts get no
     token); the per-expert loop's values up to roundoff."""
     x, w_gate_up, w_down, weights, ids = layer_inputs(num_tokens, num_experts, top_k, generator, dtype)
+    from livethinking.ops.moe_layer import _has_cpu_grouped_mm
+
+    assert _has_cpu_grouped_mm(dtype)  # probed (and cached) before the count starts
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         ours = ops.fused_moe(x, w_gate_up, w_down, weights, ids, grouped=True)
+    assert len(calls) == 2  # the grouped GEMMs ran (H=40, I=24: 16-byte aligned)
+    with torch.no_grad():
         plain = plain_layer(x, w_gate_up, w_down, weights, ids)
     exact = fused_moe_reference(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids)
     assert ours.dtype == dtype and ours.shape == x.shape and torch.isfinite(ours).all()
@@ -176,7 +183,19 @@ def test_cpu_inference_path_matches_float64_and_the_training_path(num_tokens, nu
     plain_error = (plain.double() - exact).abs().amax().item() if num_tokens else 0.0
     assert ours_error <= 2 * plain_error + floor
     trained = ops.fused_moe(x, w_gate_up.requires_grad_(), w_down, weights, ids)  # the loop
+    assert len(calls) == 2
     assert torch.allclose(ours, trained.detach(), rtol=0, atol=floor + 2 * plain_error)
+
+
+def test_cpu_inference_path_falls_back_to_the_loop_on_unaligned_sizes(generator, monkeypatch):
+    """The CPU grouped GEMM wants 16-byte strides: H=7 (28 bytes) takes the loop, same result."""
+    x, w_gate_up, w_down, weights, ids = layer_inputs(9, 8, 2, generator, hidden=7, intermediate=5)
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        grouped = ops.fused_moe(x, w_gate_up, w_down, weights, ids, grouped=True)
+        loop = ops.fused_moe(x, w_gate_up, w_down, weights, ids)
+    assert calls == [] and torch.equal(grouped, loop)
 
 
 def test_routing_matches_the_cpp_alignment(generator):

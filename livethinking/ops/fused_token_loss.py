@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fused_linear_token_loss"]
+from livethinking.ops.logprobs import CPU_CHUNK_BYTES, _compute_dtype
 
-CPU_CHUNK_BYTES = 16 << 20  # fp32 logits per chunk (two such buffers live)
+__all__ = ["fused_linear_token_loss"]
 
 
 def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -54,10 +54,6 @@ def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
                                                             device=hidden.device)
     return _FusedLinearTokenLoss.apply(hidden, weight, bias, targets.long(), mask.bool(),
                                        float(temperature), rows, loss_fn)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _chunk_gradient(loss_fn, base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor

@@ -4,12 +4,14 @@ CUDA: the Triton kernels of ``livethinking.kernels.fused_moe`` (gather in the fi
 GEMM, SiLU·mul epilogue, deterministic combine), routed by the C++ ``moe_align``.
 CPU: the C++ routing ops around the expert GEMMs: asked for (``grouped``, the engine's
 steps) and without autograd, one ``torch._grouped_mm`` per projection over all experts'
-rows (at decode, a few rows per expert, 1.4–1.9× the per-expert loop); otherwise one
+rows (at decode, a few rows per expert, 1.4–1.7× the per-expert loop); otherwise one
 matmul pair per expert that receives tokens (on the CPU reading the per-expert counts
 costs nothing), differentiable end to end (the grouped GEMM has no CPU backward).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +67,23 @@ def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment, grouped):
 
 def _grouped_experts(rows, w_gate_up, w_down, alignment):
     """The experts' SwiGLU on their rows (T·k, H) by two grouped GEMMs, or None where this
-    torch has no CPU grouped GEMM for these inputs."""
-    ends = torch.cumsum(alignment.tokens_per_expert, 0).to(torch.int32)  # (E,) end of each group
-    try:
-        gate, up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
-    except (RuntimeError, NotImplementedError):
+    torch has no CPU grouped GEMM for this dtype (probed once per dtype) or the sizes break
+    its rule that strides be multiples of 16 bytes."""
+    aligned = all(n * rows.element_size() % 16 == 0 for n in w_gate_up.shape[1:])
+    if not (aligned and _has_cpu_grouped_mm(rows.dtype)):
         return None
+    ends = torch.cumsum(alignment.tokens_per_expert, 0).to(torch.int32)  # (E,) end of each group
+    gate, up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cpu_grouped_mm(dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs on CPU tensors of ``dtype`` in this torch (older
+    builds have it for CUDA only)."""
+    a, b = torch.ones(2, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)
+    try:
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 2], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
