@@ -149,14 +149,17 @@ def _data_make_shop(args: argparse.Namespace) -> int:
     try:
         paths = make_shop_demo(args.out, num_families=args.families,
                                heldout_families=args.heldout_families,
-                               tasks_per_family=args.shoppers_per_family, seed=args.seed)
+                               tasks_per_family=args.shoppers_per_family,
+                               relabelled_copies=args.relabelled_copies,
+                               pretrain_episodes=args.pretrain_episodes, seed=args.seed)
     except ValueError as e:
         print(f"livethinking data make-demo: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {paths.num_train} training shoppers, {paths.num_heldout} held-out shoppers "
           f"of the same families and {paths.num_heldout_new} of unseen families to "
           f"{paths.out_dir} (catalogue.jsonl, train.jsonl, heldout.jsonl, heldout_new.jsonl, "
-          f"expert.jsonl: the oracle's trajectories, corpus.txt)")
+          f"expert.jsonl: the oracle's {paths.num_expert} trajectories, pretrain.jsonl: "
+          f"{paths.num_pretrain} episode texts, corpus.txt)")
     return 0
 
 
@@ -324,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="shop: product families whose shoppers are held out")
     make_demo.add_argument("--shoppers-per-family", type=int, default=2,
                            help="shop: training shoppers per family")
+    make_demo.add_argument("--relabelled-copies", type=int, default=0,
+                           help="shop: expert trajectories of each training shopper again, "
+                                "under fresh product ids and family names, this many times")
+    make_demo.add_argument("--pretrain-episodes", type=int, default=0,
+                           help="shop: the oracle's episodes in random relabelled families, "
+                                "as plain text for pre-training (pretrain.jsonl)")
     make_demo.add_argument("--dev-fraction", type=float, default=0.1,
                            help="relevance: share of products kept for the dev split")
     make_demo.add_argument("--products", type=int, default=24, help="catalogue size")

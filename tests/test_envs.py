@@ -14,6 +14,7 @@ from livethinking.tasks.livestream.domain import Product
 from livethinking.tasks.shop import (ShopTask, asked_attributes, load_catalogue,
                                      load_shop_tasks, make_shop_data, parse_reply,
                                      shopper_reply)
+from livethinking.tasks.shop.demo_data import REQUEST_TEMPLATES
 
 
 def _products():
@@ -292,3 +293,74 @@ def test_an_environment_must_implement_reset_and_step():
         Half()
     with pytest.raises(NotImplementedError, match="does not load tasks"):
         _Counter.load_tasks("tasks.jsonl")
+
+
+# ---------------------------------------------------------------------------- relabelled data
+def test_relabel_shopper_keeps_the_shopper_and_changes_only_the_labels():
+    import random
+
+    from livethinking.tasks.shop.relabel import relabel_shopper, unused_family_names
+
+    products, task = list(_products()[:3]), _task()
+    names = unused_family_names(list(_products()))
+    assert set(names) == {"kettle", "lamp"}
+    assert "Ember Aria Kettle" not in names["kettle"] and "Comet Nova Lamp" not in names["lamp"]
+    assert all(n.endswith(" Kettle") for n in names["kettle"])
+    pool = [f"q{i}" for i in range(7)]
+    copies = [relabel_shopper(random.Random(s), task, products, pool, names) for s in range(20)]
+    for new_products, new_task in copies:
+        assert len({p.id for p in new_products}) == 3 and {p.id for p in new_products} <= set(pool)
+        assert len({p.name for p in new_products}) == 1 and new_task.family == new_products[0].name
+        assert new_task.family in names["kettle"] and new_task.family in new_task.request
+        assert [p.attributes for p in new_products] == [p.attributes for p in products]
+        target = next(p for p in new_products if p.id == new_task.target_id)
+        assert target.attributes == products[1].attributes  # the same variant, relabelled
+        assert (new_task.preferences, new_task.required) == (task.preferences, task.required)
+        messages, info = expert_trajectory(
+            ShopEnvironment(ShopConfig(products=tuple(new_products))), new_task)
+        assert info["strict"] == 1.0 and info["bought"] == new_task.target_id
+    assert len({t.target_id for _, t in copies}) > 3 and len({t.family for _, t in copies}) > 3
+    with pytest.raises(ValueError, match="fewer than the family's 3 variants"):
+        relabel_shopper(random.Random(0), task, products, pool[:2], names)
+    with pytest.raises(ValueError, match="no unused family name .* 'kettle'"):
+        relabel_shopper(random.Random(0), task, products, pool, {"lamp": ["Comet Aria Lamp"]})
+
+
+def test_the_demo_shop_with_relabelled_copies_and_pretraining_texts(tmp_path):
+    plain = make_shop_demo(tmp_path / "plain", num_families=12, heldout_families=4, seed=3)
+    paths = make_shop_demo(tmp_path / "more", num_families=12, heldout_families=4, seed=3,
+                           relabelled_copies=2, pretrain_episodes=30)
+    assert paths.train.read_text() == plain.train.read_text()  # the splits stay as they were
+    assert paths.catalogue.read_text() == plain.catalogue.read_text()
+    catalogue = load_catalogue(paths.catalogue)
+    ids, names = {p.id for p in catalogue}, {p.name for p in catalogue}
+    held_names = {t.family for t in load_shop_tasks(paths.heldout_new)}
+    train = load_shop_tasks(paths.train)
+    experts = [json.loads(line) for line in paths.expert.read_text().splitlines()]
+    assert len(experts) == paths.num_expert == 3 * len(train)
+    originals = [json.loads(line) for line in plain.expert.read_text().splitlines()]
+    assert experts[:len(train)] == originals
+    copies = experts[len(train):]
+    assert [e["task_id"] for e in copies] == [f"{t.id}~{c}" for c in range(2) for t in train]
+    for record in copies:
+        calls = [parse_tool_calls(m["content"])[0] for m in record["messages"]
+                 if m["role"] == "assistant"]
+        assert record["strict"] == 1.0 and [c.name for c in calls] == [
+            "search", "compare", "ask_user", "search", "buy"]
+        assert calls[0].arguments["query"] not in names  # a name no catalogue family has
+        assert set(calls[1].arguments["ids"]) <= ids and calls[4].arguments["product_id"] in ids
+    texts = [json.loads(line)["text"] for line in paths.pretrain.read_text().splitlines()]
+    assert len(texts) == paths.num_pretrain == 30 and len(set(texts)) == 30
+    for text in texts:
+        lines = text.splitlines()
+        family = parse_tool_calls(lines[1])[0].arguments["query"]
+        assert lines[0] in [t.format(family=family) for t in REQUEST_TEMPLATES]
+        assert "shopping assistant" not in text  # the system prompt is left out
+        assert lines[-1].startswith("Order placed for s") and lines[-1][len("Order placed for "):-1] in ids
+        assert '"name": "compare"' in text and "I want " in text
+    for name in held_names | names:  # no catalogue family's name, held out or not
+        assert name not in paths.pretrain.read_text()
+        assert all(name not in json.dumps(e) for e in copies)
+    assert not plain.pretrain.read_text() and plain.num_pretrain == 0
+    with pytest.raises(ValueError, match="relabelled_copies must be an int >= 0"):
+        make_shop_demo(tmp_path / "bad", num_families=2, heldout_families=1, relabelled_copies=-1)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from livethinking.cli import main
 from livethinking.train.shop_demo import ShopDemoSize, run_shop_demo
@@ -32,6 +33,16 @@ def test_the_shop_demo_reports_every_stage_on_heldout_shoppers(quick):
             assert 1.0 <= r["turns"] <= ShopDemoSize.quick().max_turns
             assert 0 < r["model_tokens"] < r["tokens"] <= 512
             assert r["prefix_hit"] > 0.5  # each turn's prompt is the previous one, extended
+    assert results["pretrain_s"] > 0 and results["sft_s"] > 0 and results["grpo_s"] > 0
+    texts = (out / "data" / "pretrain.jsonl").read_text().splitlines()
+    assert len(texts) == ShopDemoSize.quick().pretrain_episodes
+    experts = (out / "data" / "expert.jsonl").read_text().splitlines()
+    assert len(experts) == (1 + ShopDemoSize.quick().relabelled_copies) * results["num_train"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    for line in (out / "data" / "catalogue.jsonl").read_text().splitlines()[:50]:
+        product_id = json.loads(line)["id"]  # one token each, inside JSON or after a space
+        assert len(tokenizer.encode(f'"{product_id}"', add_special_tokens=False)) == 3
+        assert product_id in tokenizer.tokenize(f"Order placed for {product_id}.")
     for kind in ("train", "seen"):
         before, sft = results["rows"][0][kind], results["rows"][1][kind]
         # the random student's turns are no tool calls; SFT teaches the format (at CI

@@ -1,15 +1,24 @@
 """``livethinking demo --task shop``: a tool-using shopping agent, SFT then GRPO.
 
 1. data: the synthetic shop (families of near-identical products, simulated shoppers with
-   hidden preferences) and the oracle's trajectories of the training shoppers;
-2. SFT on those trajectories (the loss on the agent's turns only);
-3. GRPO on trajectories the policy plays against the simulator, for the SFT shoppers and
+   hidden preferences), the oracle's trajectories of the training shoppers and of
+   relabelled copies of their families (fresh ids and names: ids and names are labels the
+   agent must copy, not recall), and the oracle's episodes in random relabelled families
+   as plain text; a tokenizer that holds each catalogue id as one token, as generative
+   recommenders give each item its own token (a 2-layer student does not learn to copy a
+   4-digit id digit by digit within the demo's budget: 0 % held out, measured);
+2. pre-training, the stand-in for a real student's: language modelling on those episode
+   texts, every token a target (the tool results too), so the random student learns to
+   copy labels from the context before SFT;
+3. SFT on the trajectories (the loss on the agent's turns only);
+4. GRPO on trajectories the policy plays against the simulator, for the SFT shoppers and
    shoppers of the training families whose wishes the SFT data does not hold (``rl.jsonl``),
    mixed; groups per shopper, reward = strict + ``loose_weight`` · loose, IPA chunk credit
    by default;
-before and after each stage, shoppers are served once each, greedily: training shoppers
-(what the stages fit), and two held-out sets: new shoppers of the training families (each wants a variant no training shopper wants: the
-agent must ask and choose for this shopper) and shoppers of families no training shopper
+before training, after SFT and after GRPO, shoppers are served once each, greedily:
+training shoppers (what the stages fit), and two held-out sets: new shoppers of the
+training families (each wants a variant no training shopper wants: the agent must ask and
+choose for this shopper) and shoppers of families no training shopper
 wants (new products too); per set the full-success rate (strict), loose reward, turns and
 tokens per episode.
 """
@@ -35,11 +44,14 @@ class ShopDemoSize:
     families: int = 200
     heldout_families: int = 40
     tasks_per_family: int = 2
+    relabelled_copies: int = 4  # SFT copies of each training shopper under fresh labels
+    pretrain_episodes: int = 6000  # episode texts in random relabelled families
+    pretrain_epochs: int = 2  # one epoch leaves the copy lookup unformed in ~1 run of 3
     eval_shoppers: int = 80  # new shoppers of training families served per stage
     hidden: int = 128
     layers: int = 2
     experts: int = 4
-    sft_epochs: int = 16
+    sft_epochs: int = 4
     grpo_steps: int = 30
     tasks_per_step: int = 8
     group_size: int = 4
@@ -50,7 +62,8 @@ class ShopDemoSize:
 
     @classmethod
     def quick(cls) -> "ShopDemoSize":
-        return cls(families=16, heldout_families=4, eval_shoppers=8, hidden=64, sft_epochs=30,
+        return cls(families=16, heldout_families=4, relabelled_copies=2, pretrain_episodes=200,
+                   pretrain_epochs=1, eval_shoppers=8, hidden=64, sft_epochs=10,
                    grpo_steps=2, tasks_per_step=2, group_size=2, max_turns=6,
                    max_turn_tokens=48)
 
@@ -75,20 +88,27 @@ def run_shop_demo(out: str | Path, *, size: ShopDemoSize | None = None, seed: in
     from livethinking.train.agent import evaluate_agent, run_agent_grpo, run_agent_sft
     from livethinking.train.agent_config import AgentGRPOConfig, AgentSFTConfig, EnvConfig
     from livethinking.train.config import LossConfig, OptimConfig, RunConfig
+    from livethinking.tasks.shop import load_catalogue
     from livethinking.train.demo import DemoSize, build_student, build_tokenizer, open_demo
+    from livethinking.train.demo_pretrain import PretrainConfig, pretrain_student
 
     size = size or ShopDemoSize()
     began = time.perf_counter()
     show = not quiet
-    out, log, stage = open_demo(out, "shop", size, stages=4, quiet=quiet, threads=threads,
+    out, log, stage = open_demo(out, "shop", size, stages=5, quiet=quiet, threads=threads,
                                 log=log)
     stage("data", f"{size.families} product families of near-identical variants, "
-                  f"{size.tasks_per_family} shoppers each; the oracle's trajectories")
+                  f"{size.tasks_per_family} shoppers each; the oracle's trajectories, "
+                  f"{size.relabelled_copies} relabelled copies, {size.pretrain_episodes} "
+                  f"pre-training episodes")
     paths = make_shop_demo(out / "data", num_families=size.families,
                            heldout_families=size.heldout_families,
-                           tasks_per_family=size.tasks_per_family, seed=seed)
+                           tasks_per_family=size.tasks_per_family,
+                           relabelled_copies=size.relabelled_copies,
+                           pretrain_episodes=size.pretrain_episodes, seed=seed)
+    product_ids = [p.id for p in load_catalogue(paths.catalogue)]  # one token each
     tokenizer = build_tokenizer(paths.corpus, out / "tokenizer",
-                                extra_tokens=("<tool_call>", "</tool_call>"))  # as Qwen3's
+                                extra_tokens=("<tool_call>", "</tool_call>", *product_ids))
     student = build_student(tokenizer, DemoSize(hidden=size.hidden, layers=size.layers,
                                                 experts=size.experts), out / "student-init", seed)
     env = EnvConfig(name="shop", config={"catalogue": str(paths.catalogue),
@@ -118,13 +138,22 @@ def run_shop_demo(out: str | Path, *, size: ShopDemoSize | None = None, seed: in
         return row
 
     rows = [measure(student, "before training")]
+    stage("pre-training", f"{paths.num_pretrain} episode texts, {size.pretrain_epochs} "
+                          f"epoch(s), every token a target")
+    t = time.perf_counter()
+    texts = [json.loads(line)["text"] for line in paths.pretrain.read_text().splitlines()]
+    pretrained = (pretrain_student(student, texts, out / "student-pretrained",
+                                   PretrainConfig(epochs=size.pretrain_epochs, seed=seed), progress=show, log=log)
+                  if texts else student)
+    timings["pretrain_s"] = time.perf_counter() - t
     run = (lambda name: RunConfig(seed=seed, progress=show, tensorboard=False,
                                   output_dir=str(out / name)))
-    stage("SFT", f"{paths.num_train} expert trajectories, {size.sft_epochs} epochs, the loss "
-                 f"on the agent's turns")
+    stage("SFT", f"{paths.num_expert} expert trajectories ({paths.num_train} shoppers, "
+                 f"{size.relabelled_copies} relabelled copies), {size.sft_epochs} epochs, the "
+                 f"loss on the agent's turns")
     t = time.perf_counter()
     sft_model = run_agent_sft(AgentSFTConfig(
-        model=str(student), train_data=str(paths.expert), env=env, epochs=size.sft_epochs,
+        model=str(pretrained), train_data=str(paths.expert), env=env, epochs=size.sft_epochs,
         row_tokens=1024, rows_per_step=2,
         optim=OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1), run=run("sft")), log=log)
     timings["sft_s"] = time.perf_counter() - t

@@ -43,6 +43,9 @@ class ShopPaths:
     num_heldout: int
     num_heldout_new: int
     num_rl: int
+    pretrain: Path | None = None  # pre-training texts (make_shop_demo writes them and expert)
+    num_expert: int = 0
+    num_pretrain: int = 0
 
 
 def make_shop_catalogue(rng: random.Random, num_families: int
@@ -131,7 +134,8 @@ def make_shop_data(out_dir: str | Path, *, num_families: int = 120, heldout_fami
            for f, family in enumerate(families[num_families:])]
     paths = ShopPaths(out, out / "catalogue.jsonl", out / "train.jsonl", out / "heldout.jsonl",
                       out / "heldout_new.jsonl", out / "rl.jsonl", out / "expert.jsonl",
-                      out / "corpus.txt", len(train), len(heldout), len(new), len(rl))
+                      out / "corpus.txt", len(train), len(heldout), len(new), len(rl),
+                      pretrain=out / "pretrain.jsonl")
     write_catalogue(paths.catalogue, products)
     write_shop_tasks(paths.train, train)
     write_shop_tasks(paths.heldout, heldout)
