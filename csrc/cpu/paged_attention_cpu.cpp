@@ -141,8 +141,16 @@ void prefetch_block(const T* first_slot, int64_t slots, int64_t slot_stride, int
 // Items [item_begin, item_end) in runs of one row each: a run of consecutive kv heads of
 // a row is done in one sweep over the row's blocks, reading each slot's heads as one
 // contiguous stretch (sequential within a block, which the hardware prefetcher follows).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// AVX2 clone picked at load time where the CPU has it: the same operations in the same
+// order on 8 lanes instead of SSE's 4 (no FMA: a fused multiply-add would round
+// differently), so results do not depend on the clone that runs.
+#define LT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LT_VECTOR_CLONES
+#endif
 template <typename T>
-void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_heads,
+LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_heads,
                   int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size,
                   const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                   double scale, int64_t item_begin, int64_t item_end, T* out) {
@@ -172,11 +180,10 @@ void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_head
     }
     // Pass 1: scores[h, s] = <q_h, k_s> for the run's query heads h.
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
-      const int64_t block = table[b];
-      if (block < 0 || block >= num_blocks) block_error(row, b, block, num_blocks);
+      const int64_t block = table[b];  // checked before the sweep (paged_decode_attention)
       const T* keys = k_pool + block * block_size * slot_stride + first_head * dim;
       const int64_t n = std::min(block_size, ctx - first);
-      if (first + block_size < ctx) {  // the next block's keys; its id is checked when used
+      if (first + block_size < ctx) {  // the next block's keys (ids checked before the sweep)
         const int64_t next = table[b + 1];
         if (next >= 0 && next < num_blocks) {
           prefetch_block(k_pool + next * block_size * slot_stride + first_head * dim,
@@ -202,7 +209,7 @@ void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_head
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
       const T* values = v_pool + table[b] * block_size * slot_stride + first_head * dim;
       const int64_t n = std::min(block_size, ctx - first);
-      if (first + block_size < ctx) {  // checked in pass 1
+      if (first + block_size < ctx) {  // ids checked before the sweep
         prefetch_block(v_pool + table[b + 1] * block_size * slot_stride + first_head * dim,
                        std::min(block_size, ctx - first - block_size), slot_stride, width);
       }
@@ -248,6 +255,13 @@ void paged_decode_attention(const void* q, const void* k_pool, const void* v_poo
       throw std::invalid_argument("context_lens[" + std::to_string(row) + "] = " +
                                   std::to_string(ctx) + " must lie in [1, max_blocks * block_size = " +
                                   std::to_string(limit) + "]");
+    }
+    // Every block the row reads, here rather than in the sweep: nothing may throw from
+    // inside attend_items (a throw out of its target_clones clone aborted the process,
+    // GCC 12).
+    for (int64_t b = 0; b * block_size < ctx; ++b) {
+      const int64_t block = block_tables[row * max_blocks + b];
+      if (block < 0 || block >= num_blocks) block_error(row, b, block, num_blocks);
     }
   }
   detail::dispatch_storage(dtype, [&](auto tag) {
