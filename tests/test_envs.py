@@ -356,7 +356,8 @@ def test_the_demo_shop_with_relabelled_copies_and_pretraining_texts(tmp_path):
         family = parse_tool_calls(lines[1])[0].arguments["query"]
         assert lines[0] in [t.format(family=family) for t in REQUEST_TEMPLATES]
         assert "shopping assistant" not in text  # the system prompt is left out
-        assert lines[-1].startswith("Order placed for s") and lines[-1][len("Order placed for "):-1] in ids
+        bought = lines[-1].removeprefix("Order placed for ").removesuffix(".")
+        assert lines[-1] == f"Order placed for {bought}." and bought in ids
         assert '"name": "compare"' in text and "I want " in text
     for name in held_names | names:  # no catalogue family's name, held out or not
         assert name not in paths.pretrain.read_text()

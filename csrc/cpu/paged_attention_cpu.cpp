@@ -150,10 +150,11 @@ void prefetch_block(const T* first_slot, int64_t slots, int64_t slot_stride, int
 #define LT_VECTOR_CLONES
 #endif
 template <typename T>
-LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool, int64_t num_heads,
-                  int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size,
-                  const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
-                  double scale, int64_t item_begin, int64_t item_end, T* out) {
+LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
+                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t block_size, const int64_t* block_tables,
+                                    int64_t max_blocks, const int64_t* context_lens,
+                                    double scale, int64_t item_begin, int64_t item_end, T* out) {
   using Acc = typename detail::Compute<T>::type;
   const int64_t group = num_heads / num_kv_heads, dim = head_dim;
   const int64_t slot_stride = num_kv_heads * dim;  // elements between consecutive pool slots
@@ -184,11 +185,8 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
       const T* keys = k_pool + block * block_size * slot_stride + first_head * dim;
       const int64_t n = std::min(block_size, ctx - first);
       if (first + block_size < ctx) {  // the next block's keys (ids checked before the sweep)
-        const int64_t next = table[b + 1];
-        if (next >= 0 && next < num_blocks) {
-          prefetch_block(k_pool + next * block_size * slot_stride + first_head * dim,
-                         std::min(block_size, ctx - first - block_size), slot_stride, width);
-        }
+        prefetch_block(k_pool + table[b + 1] * block_size * slot_stride + first_head * dim,
+                       std::min(block_size, ctx - first - block_size), slot_stride, width);
       }
       for (int64_t i = 0; i < n; ++i) {
         const Acc* key = load_row<T, Acc>(keys + i * slot_stride, width, row_buffer.data());
@@ -267,8 +265,8 @@ void paged_decode_attention(const void* q, const void* k_pool, const void* v_poo
   detail::dispatch_storage(dtype, [&](auto tag) {
     using T = decltype(tag);
     attend_items(static_cast<const T*>(q), static_cast<const T*>(k_pool),
-                 static_cast<const T*>(v_pool), num_heads, num_kv_heads, head_dim, num_blocks,
-                 block_size, block_tables, max_blocks, context_lens, scale, item_begin, item_end,
+                 static_cast<const T*>(v_pool), num_heads, num_kv_heads, head_dim, block_size,
+                 block_tables, max_blocks, context_lens, scale, item_begin, item_end,
                  static_cast<T*>(out));
   });
 }

@@ -3,7 +3,8 @@ hidden profile through tools, telling near-identical products apart.
 
 :mod:`~.records` holds the shopper task and the catalogue IO; :mod:`~.shopper` the
 shopper's answering rules and the tools' result texts; :mod:`~.demo_data` the synthetic
-shop; :mod:`~.relabel` its families under fresh ids and names (the demo's copy lessons). The simulator is ``livethinking.envs.shop.ShopEnvironment``, its expert agent
+shop; :mod:`~.relabel` its families under fresh ids and names (the demo's copy lessons).
+The simulator is ``livethinking.envs.shop.ShopEnvironment``, its expert agent
 ``livethinking.envs.shop_oracle``.
 """
 

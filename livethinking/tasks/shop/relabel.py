@@ -71,7 +71,7 @@ def random_families(rng: random.Random, count: int, id_pool: list[str],
     while len(made) < count:
         batch = min(count - len(made), 200)
         _, families = make_shop_catalogue(rng, batch)
-        for f, (_, variants, varying) in enumerate(families):
+        for _, variants, varying in families:
             if variants[0].category not in names:
                 continue  # a category the catalogue lacks: no unused names are known
             products, _ = _relabel(rng, variants, id_pool, names)
