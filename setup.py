@@ -107,6 +107,7 @@ def extension():
         os.path.join(csrc, "cpu", "moe_routing_cpu.cpp"),
         os.path.join(csrc, "cpu", "paged_attention_cpu.cpp"),
         os.path.join(csrc, "cpu", "rms_norm_cpu.cpp"),
+        os.path.join(csrc, "cpu", "skinny_gemm_cpu.cpp"),
         os.path.join(csrc, "torch", "torch_bindings.cpp"),
         os.path.join(csrc, "torch", "python_module.cpp"),
     ]

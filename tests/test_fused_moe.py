@@ -163,16 +163,24 @@ def test_cpu_path_matches_float64(num_tokens, num_experts, top_k, dtype, generat
 def test_cpu_inference_path_matches_float64_and_the_training_path(num_tokens, num_experts, top_k,
                                                                    dtype, generator, monkeypatch):
     """``grouped`` without autograd: grouped GEMMs on the CPU (half the experts get no
-    token); the per-expert loop's values up to roundoff."""
+    token): float32 by the C++ skinny GEMM, bfloat16 by ``torch._grouped_mm``; the
+    per-expert loop's values up to roundoff."""
     x, w_gate_up, w_down, weights, ids = layer_inputs(num_tokens, num_experts, top_k, generator, dtype)
-    from livethinking.ops.moe_layer import _has_cpu_grouped_mm
+    from livethinking.ops import moe_layer
 
-    assert _has_cpu_grouped_mm(dtype)  # probed (and cached) before the count starts
-    calls, real = [], torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert moe_layer._has_cpu_grouped_mm(dtype)  # probed (and cached) before the count starts
+    calls = {"skinny": [], "grouped_mm": []}
+    real_mm, real_skinny = torch._grouped_mm, moe_layer.grouped_linear
+    monkeypatch.setattr(torch, "_grouped_mm",
+                        lambda *a, **k: calls["grouped_mm"].append(1) or real_mm(*a, **k))
+    monkeypatch.setattr(moe_layer, "grouped_linear",
+                        lambda *a, **k: calls["skinny"].append(1) or real_skinny(*a, **k))
     with torch.no_grad():
         ours = ops.fused_moe(x, w_gate_up, w_down, weights, ids, grouped=True)
-    assert len(calls) == 2  # the grouped GEMMs ran (H=40, I=24: 16-byte aligned)
+    # the grouped GEMMs ran (H=40, I=24: 16-byte aligned, as torch._grouped_mm wants)
+    assert len(calls["grouped_mm"]) == (0 if dtype == torch.float32 else 2)
+    assert len(calls["skinny"]) == (2 if dtype == torch.float32 else 1)  # bf16: declined once
+    calls = calls["grouped_mm"] if dtype != torch.float32 else calls["skinny"]
     with torch.no_grad():
         plain = plain_layer(x, w_gate_up, w_down, weights, ids)
     exact = fused_moe_reference(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids)
@@ -188,8 +196,10 @@ def test_cpu_inference_path_matches_float64_and_the_training_path(num_tokens, nu
 
 
 def test_cpu_inference_path_falls_back_to_the_loop_on_unaligned_sizes(generator, monkeypatch):
-    """The CPU grouped GEMM wants 16-byte strides: H=7 (28 bytes) takes the loop, same result."""
-    x, w_gate_up, w_down, weights, ids = layer_inputs(9, 8, 2, generator, hidden=7, intermediate=5)
+    """torch's CPU grouped GEMM wants 16-byte strides: in bfloat16 H=7 (14 bytes) takes the
+    loop, same result (float32 takes the skinny GEMM, which has no such rule)."""
+    x, w_gate_up, w_down, weights, ids = layer_inputs(9, 8, 2, generator, torch.bfloat16,
+                                                      hidden=7, intermediate=5)
     calls, real = [], torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():

@@ -7,11 +7,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include "livethinking/moe_routing.h"
 #include "livethinking/paged_attention.h"
 #include "livethinking/rms_norm.h"
+#include "livethinking/skinny_gemm.h"
 #include "routing_op_args.h"
 
 namespace livethinking::torch_ops {
@@ -186,6 +189,109 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, dou
   return out;
 }
 
+// Up to this many rows a group goes to the skinny GEMM; more, to at::mm (MKL), which is
+// as fast from there on (benchmarks/RESULTS.md, issue 19).
+constexpr int64_t kSkinnyMaxRows = 64;
+
+// out rows [starts[g], starts[g] + counts[g]) = x's same rows · weight[g]ᵀ for each group g.
+// x (T, K) float32 with unit stride along K; weight (G, N, K) float32 with unit stride
+// along K; out (T, N) contiguous.
+void skinny_groups(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& counts, at::Tensor& out) {
+  const int64_t n_cols = weight.size(1), depth = weight.size(2);
+  struct Task { int64_t group, n_begin, n_end; };
+  std::vector<Task> tasks;
+  for (size_t g = 0; g < counts.size(); ++g) {
+    if (counts[g] == 0) continue;
+    if (counts[g] > kSkinnyMaxRows) {
+      at::Tensor slice = out.narrow(0, starts[g], counts[g]);
+      at::mm_out(slice, x.narrow(0, starts[g], counts[g]), weight.select(0, g).t());
+      continue;
+    }
+    const int64_t tile = cpu::skinny_gemm_tile(counts[g]);
+    for (int64_t n = 0; n < n_cols; n += tile) {
+      tasks.push_back({static_cast<int64_t>(g), n, std::min(n_cols, n + tile)});
+    }
+  }
+  const float* x_base = x.data_ptr<float>();
+  const float* w_base = weight.data_ptr<float>();
+  float* out_base = out.data_ptr<float>();
+  const int64_t task_bytes = 24 * depth * 4;  // at most a tile of weight rows
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain(task_bytes),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Task& task = tasks[i];
+      // a task's columns are one tile: the kernel prefetches within [n_begin, n_end) only,
+      // so a run of a thread's tasks of one group is passed as one range where it can be
+      int64_t j = i;
+      while (j + 1 < end && tasks[j + 1].group == task.group) ++j;
+      const int64_t g = task.group;
+      cpu::SkinnyGemm gemm{x_base + starts[g] * x.stride(0), counts[g], depth, x.stride(0),
+                           w_base + g * weight.stride(0), weight.stride(1),
+                           out_base + starts[g] * n_cols, n_cols};
+      cpu::skinny_gemm(gemm, task.n_begin, tasks[j].n_end);
+      i = j;
+    }
+  });
+}
+
+at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+void check_float32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+}
+
+// out (M, N) = x (M, K) · weight (N, K)ᵀ, float32: the skinny GEMM up to 64 rows, at::mm above.
+at::Tensor skinny_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be (rows, in_features), got shape ", x_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1),
+                    "weight must be (out_features, ", x_in.size(1), "), got shape ", weight_in.sizes());
+  check_float32_cpu(x_in, "x");
+  check_float32_cpu(weight_in, "weight");
+  check_same_device(x_in, "x", weight_in, "weight");
+  const at::Tensor x = unit_stride_rows(x_in), weight = unit_stride_rows(weight_in).unsqueeze(0);
+  at::Tensor out = at::empty({x.size(0), weight.size(1)}, x.options());
+  skinny_groups(x, weight, {0}, {x.size(0)}, out);
+  return out;
+}
+
+// out (T, N): rows of group g (ends[g-1] <= t < ends[g]) times weight[g]ᵀ, as
+// torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends); float32.
+at::Tensor grouped_skinny_linear_cpu(const at::Tensor& rows_in, const at::Tensor& weight_in,
+                                     const at::Tensor& ends_in) {
+  TORCH_CHECK_VALUE(rows_in.dim() == 2, "rows must be (T, in_features), got shape ", rows_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.dim() == 3 && weight_in.size(2) == rows_in.size(1),
+                    "weight must be (groups, out_features, ", rows_in.size(1), "), got shape ",
+                    weight_in.sizes());
+  TORCH_CHECK_VALUE(ends_in.dim() == 1 && ends_in.size(0) == weight_in.size(0) &&
+                        (ends_in.scalar_type() == at::kInt || ends_in.scalar_type() == at::kLong),
+                    "ends must be int32 or int64 of shape (", weight_in.size(0), ",), got ",
+                    ends_in.scalar_type(), " of shape ", ends_in.sizes());
+  check_float32_cpu(rows_in, "rows");
+  check_float32_cpu(weight_in, "weight");
+  check_same_device(rows_in, "rows", weight_in, "weight");
+  check_same_device(rows_in, "rows", ends_in, "ends");
+  const at::Tensor ends = ends_in.to(at::kLong).contiguous();
+  const int64_t groups = ends.size(0), total = rows_in.size(0);
+  std::vector<int64_t> starts(groups), counts(groups);
+  int64_t previous = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t end = ends.data_ptr<int64_t>()[g];
+    TORCH_CHECK_VALUE(previous <= end && end <= total, "ends must be non-decreasing within [0, ",
+                      total, "], got ", end, " after ", previous, " at group ", g);
+    starts[g] = previous;
+    counts[g] = end - previous;
+    previous = end;
+  }
+  TORCH_CHECK_VALUE(previous == total, "ends must end at rows' length ", total, ", got ", previous);
+  const at::Tensor rows = unit_stride_rows(rows_in), weight = unit_stride_rows(weight_in);
+  at::Tensor out = at::empty({total, weight.size(1)}, rows.options());
+  skinny_groups(rows, weight, starts, counts, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(livethinking, m) {
@@ -208,6 +314,8 @@ TORCH_LIBRARY(livethinking, m) {
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables,"
       " Tensor context_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("skinny_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("grouped_skinny_linear(Tensor rows, Tensor weight, Tensor ends) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
@@ -218,6 +326,8 @@ TORCH_LIBRARY_IMPL(livethinking, CPU, m) {
   m.impl("moe_pair_dot", &pair_dot_cpu);
   m.impl("paged_decode_attention", &paged_decode_attention_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("skinny_linear", &skinny_linear_cpu);
+  m.impl("grouped_skinny_linear", &grouped_skinny_linear_cpu);
 }
 
 }  // namespace livethinking::torch_ops

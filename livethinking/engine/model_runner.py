@@ -225,7 +225,7 @@ class ModelRunner:
             return [], []
         if [d.row for d in draws] != list(range(hidden.shape[0])):  # forks repeat a row
             hidden = hidden[torch.tensor([d.row for d in draws], device=self.device)]  # (R, H)
-        logits = self.model.compute_logits(hidden).float()  # (R, V)
+        logits = self.model.compute_logits(hidden, fast=True).float()  # (R, V)
         batch = self._sampling_batch(draws)
         tokens, logprobs = sample(logits, batch, self.shared_generator)
         if logprobs is None:  # no row reports them

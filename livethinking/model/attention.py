@@ -20,6 +20,7 @@ from torch import nn
 
 from livethinking.model.kv_cache import AttendingKVCache, KVCache
 from livethinking.model.layers import RMSNorm, apply_rotary
+from livethinking.ops.linear import linear
 
 try:  # optional; never required
     from flash_attn import flash_attn_varlen_func
@@ -55,6 +56,12 @@ def use_flash_varlen(x: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16))
 
 
+def _project(layer: nn.Linear, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """layer(x); in the engine's steps (``fast``) by ``ops.linear``'s skinny GEMM (the
+    module's own call otherwise, its hooks included)."""
+    return linear(x, layer.weight, layer.bias, fast=True) if fast else layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -73,9 +80,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         batch, steps, _ = x.shape
         fast = inputs.kv_cache is not None  # the engine's steps: its inference kernels
-        q = self.q_norm(self.q_proj(x).view(batch, steps, -1, self.head_dim), fast).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(batch, steps, -1, self.head_dim), fast).transpose(1, 2)
-        v = self.v_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(_project(self.q_proj, x, fast).view(batch, steps, -1, self.head_dim),
+                        fast).transpose(1, 2)
+        k = self.k_norm(_project(self.k_proj, x, fast).view(batch, steps, -1, self.head_dim),
+                        fast).transpose(1, 2)
+        v = _project(self.v_proj, x, fast).view(batch, steps, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, inputs.cos, inputs.sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)  # (B, heads, T, D)
 
@@ -94,7 +103,7 @@ class Attention(nn.Module):
             out = self._sdpa(q, k, v, inputs.mask, is_causal=False)
         else:
             out = self._sdpa(q, k, v, None, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+        return _project(self.o_proj, out.transpose(1, 2).reshape(batch, steps, -1), fast)
 
     def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,

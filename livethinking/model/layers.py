@@ -14,6 +14,7 @@ from torch import nn
 
 from livethinking import _extension
 from livethinking.ops import fused_moe, moe_topk_softmax
+from livethinking.ops.linear import linear
 
 __all__ = ["DenseMLP", "MoeExperts", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
            "apply_rotary"]
@@ -81,8 +82,12 @@ class DenseMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """``fast`` (the engine's steps): the projections by ``ops.linear``'s skinny GEMM."""
+        if not fast:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(x, self.gate_proj.weight, fast=True), linear(x, self.up_proj.weight, fast=True)
+        return linear(F.silu(gate) * up, self.down_proj.weight, fast=True)
 
 
 class MoeExperts(nn.Module):

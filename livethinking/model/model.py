@@ -34,6 +34,7 @@ from livethinking.model.attention import Attention, AttentionInputs, packed_caus
 from livethinking.model.config import ModelConfig
 from livethinking.model.kv_cache import KVCache
 from livethinking.model.layers import DenseMLP, RMSNorm, RotaryEmbedding, SparseMoeBlock
+from livethinking.ops.linear import linear
 
 __all__ = ["CausalLM", "DecoderLayer", "HiddenOutput", "Qwen3Model", "load_balancing_loss"]
 
@@ -116,7 +117,7 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             h, router_logits, ids = self.mlp(h, replay_ids, fast)
         else:
-            h, router_logits, ids = self.mlp(h), None, None
+            h, router_logits, ids = self.mlp(h, fast), None, None
         return x + h, router_logits, ids
 
 
@@ -238,8 +239,12 @@ class CausalLM(nn.Module):
         return HiddenOutput(hidden, tuple(router_logits), aux, self.config.router_aux_loss_coef,
                             head_output, used)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """hidden (..., H) -> logits (..., V) = hidden · lm_headᵀ; ``fast`` (the engine's
+        steps): by ``ops.linear``'s skinny GEMM."""
+        if not fast:
+            return self.lm_head(hidden_states)
+        return linear(hidden_states, self.lm_head.weight, self.lm_head.bias, fast=True)
 
     def forward_step_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
                             kv_cache: KVCache, return_routes: bool = False):

@@ -3,8 +3,9 @@
 CUDA: the Triton kernels of ``livethinking.kernels.fused_moe`` (gather in the first
 GEMM, SiLU·mul epilogue, deterministic combine), routed by the C++ ``moe_align``.
 CPU: the C++ routing ops around the expert GEMMs: asked for (``grouped``, the engine's
-steps) and without autograd, one ``torch._grouped_mm`` per projection over all experts'
-rows (at decode, a few rows per expert, 1.4–1.7× the per-expert loop); otherwise one
+steps) and without autograd, one grouped GEMM per projection over all experts' rows (in
+float32 the C++ skinny GEMM of ``ops.linear``, 1.2-3.4× ``torch._grouped_mm`` at 1-32
+rows per expert; other dtypes ``torch._grouped_mm``, 1.4–1.7× the per-expert loop); otherwise one
 matmul pair per expert that receives tokens (on the CPU reading the per-expert counts
 costs nothing), differentiable end to end (the grouped GEMM has no CPU backward).
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from livethinking.kernels import fused_moe as triton_moe
+from livethinking.ops.linear import grouped_linear
 from livethinking.ops.routing import moe_align, moe_permute, moe_unpermute
 
 __all__ = ["fused_moe"]
@@ -47,7 +49,7 @@ def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment, grouped):
     rows = moe_permute(x, alignment)  # (T·k, H), grouped by expert
     wants_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate_up, w_down, topk_weights))
-    if grouped and not wants_grad and hasattr(torch, "_grouped_mm"):
+    if grouped and not wants_grad:
         y = _grouped_experts(rows, w_gate_up, w_down, alignment)
         if y is not None:
             return moe_unpermute(y, alignment, topk_weights)
@@ -66,13 +68,21 @@ def _fused_moe_cpu(x, w_gate_up, w_down, topk_weights, alignment, grouped):
 
 
 def _grouped_experts(rows, w_gate_up, w_down, alignment):
-    """The experts' SwiGLU on their rows (T·k, H) by two grouped GEMMs, or None where this
-    torch has no CPU grouped GEMM for this dtype (probed once per dtype) or the sizes break
-    its rule that strides be multiples of 16 bytes."""
+    """The experts' SwiGLU on their rows (T·k, H) by two grouped GEMMs: in float32 the C++
+    skinny GEMMs (an expert's few rows at decode; MKL past 64); else ``torch._grouped_mm``,
+    or None where this torch has no CPU grouped GEMM for this dtype (probed once per
+    dtype) or the sizes break its rule that strides be multiples of 16 bytes."""
+    ends = torch.cumsum(alignment.tokens_per_expert, 0)  # (E,) end of each group
+    gate_up = grouped_linear(rows, w_gate_up, ends)
+    if gate_up is not None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, w_down, ends)
+    if not hasattr(torch, "_grouped_mm"):
+        return None
     aligned = all(n * rows.element_size() % 16 == 0 for n in w_gate_up.shape[1:])
     if not (aligned and _has_cpu_grouped_mm(rows.dtype)):
         return None
-    ends = torch.cumsum(alignment.tokens_per_expert, 0).to(torch.int32)  # (E,) end of each group
+    ends = ends.to(torch.int32)
     gate, up = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
 
