@@ -28,24 +28,6 @@ namespace {
 
 using detail::require;
 
-#if defined(__GNUC__) || defined(__clang__)
-#define LT_INLINE inline __attribute__((always_inline))
-#else
-#define LT_INLINE inline
-#endif
-
-template <typename Acc>
-LT_INLINE Acc dot(const Acc* a, const Acc* b, int64_t n) {
-  Acc lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  Acc sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-            ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 template <typename Acc>
 Acc sum(const Acc* a, int64_t n) {
@@ -99,7 +81,7 @@ inline float exp_nonpositive(float x) {
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename Acc>
-LT_INLINE void axpy(Acc* y, Acc alpha, const Acc* x, int64_t n) {
+LT_ALWAYS_INLINE void axpy(Acc* y, Acc alpha, const Acc* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
@@ -191,7 +173,8 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
       for (int64_t i = 0; i < n; ++i) {
         const Acc* key = load_row<T, Acc>(keys + i * slot_stride, width, row_buffer.data());
         for (int64_t h = 0; h < heads; ++h) {
-          scores[h * ctx + first + i] = dot(queries.data() + h * dim, key + (h / group) * dim, dim);
+          scores[h * ctx + first + i] =
+              detail::lane_dot(queries.data() + h * dim, key + (h / group) * dim, dim);
         }
       }
     }

@@ -8,8 +8,9 @@
 // once: at decode that is the whole cost). A product's eight lanes are added pairwise at
 // the end, then the tail of the depth in order.
 //
-// MKL's sgemm on a few rows (2-32) runs at 10-50 % of the memory bandwidth here (it packs
-// the weight per call); this kernel is 1.1-3× faster up to 32 rows (benchmarks/RESULTS.md).
+// MKL's sgemm on 1-4 rows runs at 26-49 % of the memory floor here (it packs
+// the weight per call); this kernel measured 1.37-3.36× faster on 1-16 rows and 0.99-1.20×
+// on 64 (bench_skinny_linear.py, benchmarks/RESULTS.md).
 #include "livethinking/skinny_gemm.h"
 
 #include <algorithm>
@@ -36,22 +37,11 @@ struct Prefetcher {
   const char* end;
 };
 
-float portable_dot(const float* a, const float* b, int64_t n) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
 void portable_columns(const SkinnyGemm& g, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t m = 0; m < g.rows; ++m) {
-      g.out[m * g.out_stride + n] = portable_dot(g.x + m * g.x_stride, g.w + n * g.w_stride, g.depth);
+      g.out[m * g.out_stride + n] =
+          detail::lane_dot(g.x + m * g.x_stride, g.w + n * g.w_stride, g.depth);
     }
   }
 }

@@ -2,10 +2,11 @@
 
 At decode a projection multiplies a few rows (the running sequences, or an expert's share
 of them) by a weight read from memory once per step. On the CPU, MKL's sgemm runs such
-products at 10-50 % of the memory bandwidth (it packs the weight on every call); the C++
-``skinny_linear`` / ``grouped_skinny_linear`` ops stream the weight once, a cached tile
-against every row, and fall back to MKL past 64 rows, where it is as fast
-(``csrc/cpu/skinny_gemm_cpu.cpp``; 1.1-3× on 1-32 rows, ``benchmarks/RESULTS.md``).
+products at 26-49 % of the memory floor on 1-4 rows (it packs the weight on every call);
+the C++ ``skinny_linear`` / ``grouped_skinny_linear`` ops stream the weight once, a cached
+tile against every row (72-88 % of the floor), and fall back to MKL past 64 rows, where it
+is as fast (``csrc/cpu/skinny_gemm_cpu.cpp``; measured 1.37-3.36× MKL on 1-16 rows,
+0.99-1.20× on 64: ``benchmarks/bench_skinny_linear.py``, ``benchmarks/RESULTS.md``).
 Inference only (no autograd formula); float32; the products use fused multiply-adds, so
 the last bits differ from ``F.linear``.
 """
