@@ -35,6 +35,29 @@ LT_ALWAYS_INLINE Acc lane_dot(const Acc* a, const Acc* b, int64_t n) {
   return total;
 }
 
+// Functions compiled for AVX2 + FMA (x86-64 GCC/Clang), called only where
+// has_avx2_fma() says the CPU runs them.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define LT_HAVE_AVX2_PATH 1
+#define LT_AVX2 __attribute__((target("avx2,fma")))
+}  // namespace livethinking::cpu::detail
+#include <immintrin.h>
+namespace livethinking::cpu::detail {
+inline bool has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// The sum of v's eight lanes.
+LT_AVX2 inline float lane_sum(__m256 v) {
+  __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  low = _mm_add_ps(low, _mm_movehl_ps(low, low));
+  return _mm_cvtss_f32(_mm_add_ss(low, _mm_shuffle_ps(low, low, 1)));
+}
+#else
+inline bool has_avx2_fma() { return false; }
+#endif
+
 // Calls fn(T{}) with T the storage type of dtype.
 template <typename Fn>
 void dispatch_storage(DType dtype, Fn&& fn) {

@@ -10,6 +10,8 @@
 // vectorisable loop. The dot products keep eight independent partial sums, which the
 // compiler turns into vector lanes without any reassociation flag (the order is fixed),
 // and the next block is prefetched (a sequence's blocks lie anywhere in the pool).
+// float32 with head_dim % 8 == 0 takes an AVX2 + FMA path (attend_items_avx2) on CPUs
+// that have it: the same passes with the products blocked in registers.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -120,6 +122,26 @@ void prefetch_block(const T* first_slot, int64_t slots, int64_t slot_stride, int
                               " must lie in [0, " + std::to_string(num_blocks) + ")");
 }
 
+// Scratch of one call over items [begin, end): the run's scaled queries and weighted sums
+// (num_heads × dim), its scores (num_heads × the longest context among the items) and
+// per-head softmax normalisers.
+template <typename Acc>
+struct RunBuffers {
+  std::vector<Acc> queries, sums, scores, normaliser;
+
+  RunBuffers(int64_t num_heads, int64_t num_kv_heads, int64_t dim, const int64_t* context_lens,
+             int64_t item_begin, int64_t item_end) {
+    int64_t longest = 0;
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      longest = std::max(longest, context_lens[item / num_kv_heads]);
+    }
+    queries.resize(static_cast<size_t>(num_heads * dim));
+    sums.resize(static_cast<size_t>(num_heads * dim));
+    scores.resize(static_cast<size_t>(num_heads * longest));
+    normaliser.resize(static_cast<size_t>(num_heads));
+  }
+};
+
 // Items [item_begin, item_end) in runs of one row each: a run of consecutive kv heads of
 // a row is done in one sweep over the row's blocks, reading each slot's heads as one
 // contiguous stretch (sequential within a block, which the hardware prefetcher follows).
@@ -140,15 +162,10 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
   using Acc = typename detail::Compute<T>::type;
   const int64_t group = num_heads / num_kv_heads, dim = head_dim;
   const int64_t slot_stride = num_kv_heads * dim;  // elements between consecutive pool slots
-  int64_t longest = 0;
-  for (int64_t item = item_begin; item < item_end; ++item) {
-    longest = std::max(longest, context_lens[item / num_kv_heads]);
-  }
-  std::vector<Acc> queries(static_cast<size_t>(num_heads * dim));
-  std::vector<Acc> sums(static_cast<size_t>(num_heads * dim));
-  std::vector<Acc> scores(static_cast<size_t>(num_heads * longest));
+  RunBuffers<Acc> buffers(num_heads, num_kv_heads, dim, context_lens, item_begin, item_end);
+  std::vector<Acc>&queries = buffers.queries, &sums = buffers.sums, &scores = buffers.scores,
+                  &normaliser = buffers.normaliser;
   std::vector<Acc> row_buffer(static_cast<size_t>(slot_stride));
-  std::vector<Acc> normaliser(static_cast<size_t>(num_heads));
   for (int64_t item = item_begin; item < item_end;) {
     const int64_t row = item / num_kv_heads, first_head = item % num_kv_heads;
     const int64_t last_head = std::min(num_kv_heads, first_head + (item_end - item));  // excl.
@@ -210,14 +227,188 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
   }
 }
 
-}  // namespace
+#ifdef LT_HAVE_AVX2_PATH
+// The float32 path for head_dim % 8 == 0 on CPUs with AVX2 + FMA, one (row, kv head)
+// item at a time. Scores: four keys against up to two query heads at once, eight
+// accumulators of eight lanes, the four keys' lanes reduced together (three horizontal
+// adds for four scores). Weighted sum: the output of up to two heads, 32 columns at a
+// time, held in eight registers while the keys' values stream past. The same two
+// passes and softmax as attend_items; fused multiply-adds, so the last bits differ.
+using detail::lane_sum;
 
-void paged_decode_attention(const void* q, const void* k_pool, const void* v_pool, DType dtype,
-                            int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, int64_t num_blocks, int64_t block_size,
-                            const int64_t* block_tables, int64_t max_blocks,
-                            const int64_t* context_lens, double scale, int64_t item_begin,
-                            int64_t item_end, void* out) {
+// The four sums of a0..a3's lanes, in order.
+LT_AVX2 inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// scores[h * stride + j] = <q_h, key_j> for HB heads (q rows dim apart) and four keys.
+template <int HB>
+LT_AVX2 inline void score_four(const float* q, const float* key, int64_t key_stride,
+                               int64_t dim, float* scores, int64_t stride) {
+  __m256 acc[HB][4];
+  for (int h = 0; h < HB; ++h) {
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < dim; c += 8) {
+    __m256 k[4];
+    for (int j = 0; j < 4; ++j) k[j] = _mm256_loadu_ps(key + j * key_stride + c);
+    for (int h = 0; h < HB; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + h * dim + c);
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qv, k[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < HB; ++h) {
+    _mm_storeu_ps(scores + h * stride, sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+  }
+}
+
+template <int HB>
+LT_AVX2 inline void score_one(const float* q, const float* key, int64_t dim, float* scores,
+                              int64_t stride) {
+  __m256 acc[HB];
+  for (int h = 0; h < HB; ++h) acc[h] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dim; c += 8) {
+    const __m256 k = _mm256_loadu_ps(key + c);
+    for (int h = 0; h < HB; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * dim + c), k, acc[h]);
+  }
+  for (int h = 0; h < HB; ++h) scores[h * stride] = lane_sum(acc[h]);
+}
+
+// sums[h, c0 : c0 + 8·DV] += Σ_i weights[h, i] v_i[c0 : ...] over a block's n slots, for
+// HB heads (weights rows stride apart, sums rows dim apart): the sums stay in registers
+// across the block.
+template <int HB, int DV>
+LT_AVX2 inline void weigh_block(const float* weights, int64_t stride, const float* values,
+                                int64_t n, int64_t slot_stride, int64_t dim, float* sums) {
+  __m256 acc[HB][DV];
+  for (int h = 0; h < HB; ++h) {
+    for (int d = 0; d < DV; ++d) acc[h][d] = _mm256_loadu_ps(sums + h * dim + 8 * d);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    __m256 v[DV];
+    for (int d = 0; d < DV; ++d) v[d] = _mm256_loadu_ps(values + i * slot_stride + 8 * d);
+    for (int h = 0; h < HB; ++h) {
+      const __m256 w = _mm256_broadcast_ss(weights + h * stride + i);
+      for (int d = 0; d < DV; ++d) acc[h][d] = _mm256_fmadd_ps(w, v[d], acc[h][d]);
+    }
+  }
+  for (int h = 0; h < HB; ++h) {
+    for (int d = 0; d < DV; ++d) _mm256_storeu_ps(sums + h * dim + 8 * d, acc[h][d]);
+  }
+}
+
+// The scores of HB query heads (q rows dim apart) against a block's n keys of one kv head.
+template <int HB>
+LT_AVX2 inline void score_block(const float* q, const float* keys, int64_t n,
+                                int64_t slot_stride, int64_t dim, float* scores, int64_t ctx) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) score_four<HB>(q, keys + i * slot_stride, slot_stride, dim, scores + i, ctx);
+  for (; i < n; ++i) score_one<HB>(q, keys + i * slot_stride, dim, scores + i, ctx);
+}
+
+template <int HB>
+LT_AVX2 inline void weigh_heads(const float* weights, int64_t stride, const float* values,
+                                int64_t n, int64_t slot_stride, int64_t dim, float* sums) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= dim; c0 += 32) {
+    weigh_block<HB, 4>(weights, stride, values + c0, n, slot_stride, dim, sums + c0);
+  }
+  for (; c0 < dim; c0 += 8) {
+    weigh_block<HB, 1>(weights, stride, values + c0, n, slot_stride, dim, sums + c0);
+  }
+}
+
+// Items in runs of one row, as attend_items: each pass sweeps the row's blocks once,
+// every kv head of the run within a block before the next block (a slot's heads are one
+// contiguous stretch, so the sweep reads each block sequentially).
+LT_AVX2 void attend_items_avx2(const float* q, const float* k_pool, const float* v_pool,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t dim,
+                               int64_t block_size, const int64_t* block_tables,
+                               int64_t max_blocks, const int64_t* context_lens, double scale,
+                               int64_t item_begin, int64_t item_end, float* out) {
+  const int64_t group = num_heads / num_kv_heads, slot_stride = num_kv_heads * dim;
+  RunBuffers<float> buffers(num_heads, num_kv_heads, dim, context_lens, item_begin, item_end);
+  std::vector<float>&queries = buffers.queries, &sums = buffers.sums, &scores = buffers.scores,
+                    &normaliser = buffers.normaliser;
+  const __m256 scale8 = _mm256_set1_ps(static_cast<float>(scale));
+  for (int64_t item = item_begin; item < item_end;) {
+    const int64_t row = item / num_kv_heads, first_head = item % num_kv_heads;
+    const int64_t last_head = std::min(num_kv_heads, first_head + (item_end - item));  // excl.
+    item += last_head - first_head;
+    const int64_t kv_heads = last_head - first_head, heads = kv_heads * group;
+    const int64_t ctx = context_lens[row];
+    const int64_t* table = block_tables + row * max_blocks;
+    const int64_t offset = first_head * dim;  // of the run's first kv head within a slot
+    const float* q_run = q + (row * num_heads + first_head * group) * dim;
+    for (int64_t i = 0; i < heads * dim; i += 8) {
+      _mm256_storeu_ps(queries.data() + i, _mm256_mul_ps(_mm256_loadu_ps(q_run + i), scale8));
+    }
+    // Pass 1: scores[h, s] = <q_h, k_s>.
+    for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
+      const float* keys = k_pool + table[b] * block_size * slot_stride + offset;
+      const int64_t n = std::min(block_size, ctx - first);
+      if (first + block_size < ctx) {  // ids checked before the sweep
+        prefetch_block(k_pool + table[b + 1] * block_size * slot_stride + offset,
+                       std::min(block_size, ctx - first - block_size), slot_stride, kv_heads * dim);
+      }
+      // this block's values, for pass 2 (a row of 64 tokens has only 4 blocks)
+      prefetch_block(v_pool + table[b] * block_size * slot_stride + offset, n, slot_stride,
+                     kv_heads * dim);
+      for (int64_t kh = 0; kh < kv_heads; ++kh) {
+        int64_t h = kh * group;
+        for (; h + 2 <= (kh + 1) * group; h += 2) {
+          score_block<2>(queries.data() + h * dim, keys + kh * dim, n, slot_stride, dim,
+                         scores.data() + h * ctx + first, ctx);
+        }
+        if (h < (kh + 1) * group) {
+          score_block<1>(queries.data() + h * dim, keys + kh * dim, n, slot_stride, dim,
+                         scores.data() + h * ctx + first, ctx);
+        }
+      }
+    }
+    // Softmax over s per query head: weights exp(score - max), normaliser their sum.
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sh = scores.data() + h * ctx;
+      const float top = max_of(sh, ctx);
+      for (int64_t s = 0; s < ctx; ++s) sh[s] = exp_nonpositive(sh[s] - top);
+      normaliser[h] = sum(sh, ctx);
+    }
+    // Pass 2: sums[h] = Σ_s weight[h, s] v_s.
+    std::fill(sums.begin(), sums.begin() + heads * dim, 0.0f);
+    for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
+      const float* values = v_pool + table[b] * block_size * slot_stride + offset;
+      const int64_t n = std::min(block_size, ctx - first);
+      for (int64_t kh = 0; kh < kv_heads; ++kh) {
+        int64_t h = kh * group;
+        for (; h + 2 <= (kh + 1) * group; h += 2) {
+          weigh_heads<2>(scores.data() + h * ctx + first, ctx, values + kh * dim, n, slot_stride,
+                         dim, sums.data() + h * dim);
+        }
+        if (h < (kh + 1) * group) {
+          weigh_heads<1>(scores.data() + h * ctx + first, ctx, values + kh * dim, n, slot_stride,
+                         dim, sums.data() + h * dim);
+        }
+      }
+    }
+    float* out_run = out + (row * num_heads + first_head * group) * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const __m256 total = _mm256_set1_ps(normaliser[h]);
+      for (int64_t c = 0; c < dim; c += 8) {
+        _mm256_storeu_ps(out_run + h * dim + c,
+                         _mm256_div_ps(_mm256_loadu_ps(sums.data() + h * dim + c), total));
+      }
+    }
+  }
+}
+#endif
+
+void check_and_attend(const void* q, const void* k_pool, const void* v_pool, DType dtype,
+                      int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, int64_t num_blocks, int64_t block_size,
+                      const int64_t* block_tables, int64_t max_blocks,
+                      const int64_t* context_lens, double scale, int64_t item_begin,
+                      int64_t item_end, void* out, bool vectorised) {
   require(num_rows >= 0, "num_rows must be >= 0, got " + std::to_string(num_rows));
   require(num_kv_heads >= 1 && num_heads >= num_kv_heads && num_heads % num_kv_heads == 0,
           "num_heads (" + std::to_string(num_heads) + ") must be a positive multiple of "
@@ -245,6 +436,17 @@ void paged_decode_attention(const void* q, const void* k_pool, const void* v_poo
       if (block < 0 || block >= num_blocks) block_error(row, b, block, num_blocks);
     }
   }
+#ifdef LT_HAVE_AVX2_PATH
+  if (vectorised && dtype == DType::kFloat32 && head_dim % 8 == 0) {
+    attend_items_avx2(static_cast<const float*>(q), static_cast<const float*>(k_pool),
+                      static_cast<const float*>(v_pool), num_heads, num_kv_heads, head_dim,
+                      block_size, block_tables, max_blocks, context_lens, scale, item_begin,
+                      item_end, static_cast<float*>(out));
+    return;
+  }
+#else
+  (void)vectorised;
+#endif
   detail::dispatch_storage(dtype, [&](auto tag) {
     using T = decltype(tag);
     attend_items(static_cast<const T*>(q), static_cast<const T*>(k_pool),
@@ -252,6 +454,33 @@ void paged_decode_attention(const void* q, const void* k_pool, const void* v_poo
                  block_tables, max_blocks, context_lens, scale, item_begin, item_end,
                  static_cast<T*>(out));
   });
+}
+
+}  // namespace
+
+bool paged_attention_vectorised() { return detail::has_avx2_fma(); }
+
+void paged_decode_attention(const void* q, const void* k_pool, const void* v_pool, DType dtype,
+                            int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, int64_t num_blocks, int64_t block_size,
+                            const int64_t* block_tables, int64_t max_blocks,
+                            const int64_t* context_lens, double scale, int64_t item_begin,
+                            int64_t item_end, void* out) {
+  check_and_attend(q, k_pool, v_pool, dtype, num_rows, num_heads, num_kv_heads, head_dim,
+                   num_blocks, block_size, block_tables, max_blocks, context_lens, scale,
+                   item_begin, item_end, out, paged_attention_vectorised());
+}
+
+void paged_decode_attention_portable(const void* q, const void* k_pool, const void* v_pool,
+                                     DType dtype, int64_t num_rows, int64_t num_heads,
+                                     int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
+                                     int64_t block_size, const int64_t* block_tables,
+                                     int64_t max_blocks, const int64_t* context_lens,
+                                     double scale, int64_t item_begin, int64_t item_end,
+                                     void* out) {
+  check_and_attend(q, k_pool, v_pool, dtype, num_rows, num_heads, num_kv_heads, head_dim,
+                   num_blocks, block_size, block_tables, max_blocks, context_lens, scale,
+                   item_begin, item_end, out, false);
 }
 
 }  // namespace livethinking::cpu

@@ -19,11 +19,6 @@
 
 #include "kernel_support.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define LT_SKINNY_AVX2 1
-#include <immintrin.h>
-#endif
-
 namespace livethinking::cpu {
 namespace {
 
@@ -46,14 +41,8 @@ void portable_columns(const SkinnyGemm& g, int64_t n_begin, int64_t n_end) {
   }
 }
 
-#ifdef LT_SKINNY_AVX2
-#define LT_AVX2 __attribute__((target("avx2,fma")))
-
-LT_AVX2 inline float lane_sum(__m256 v) {
-  __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  low = _mm_add_ps(low, _mm_movehl_ps(low, low));
-  return _mm_cvtss_f32(_mm_add_ss(low, _mm_shuffle_ps(low, low, 1)));
-}
+#ifdef LT_HAVE_AVX2_PATH
+using detail::lane_sum;
 
 // out[m, n] for MB rows of x and NB consecutive rows of w.
 template <int MB, int NB>
@@ -122,14 +111,7 @@ LT_AVX2 void vector_columns(const SkinnyGemm& g, int64_t n_begin, int64_t n_end)
 
 int64_t skinny_gemm_tile(int64_t rows) { return rows <= 8 ? 6 : 24; }
 
-bool skinny_gemm_vectorised() {
-#ifdef LT_SKINNY_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
+bool skinny_gemm_vectorised() { return detail::has_avx2_fma(); }
 
 namespace {
 
@@ -152,7 +134,7 @@ void skinny_gemm_portable(const SkinnyGemm& g, int64_t n_begin, int64_t n_end) {
 void skinny_gemm(const SkinnyGemm& g, int64_t n_begin, int64_t n_end) {
   check_gemm(g, n_begin, n_end);
   if (g.rows == 0 || n_begin == n_end) return;
-#ifdef LT_SKINNY_AVX2
+#ifdef LT_HAVE_AVX2_PATH
   if (skinny_gemm_vectorised()) {
     vector_columns(g, n_begin, n_end);
     return;

@@ -14,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -99,10 +100,13 @@ double unit_roundoff(lt::DType dtype) {
   return 0;
 }
 
+using Attention = decltype(&lt::cpu::paged_decode_attention);
+
 void test_case(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-               std::vector<int64_t> contexts, lt::DType dtype) {
-  std::snprintf(g_case, sizeof g_case, "rows=%lld heads=%lld/%lld dim=%lld bs=%lld dtype=%d",
-                (ll)rows, (ll)heads, (ll)kv_heads, (ll)dim, (ll)block_size, (int)dtype);
+               std::vector<int64_t> contexts, lt::DType dtype,
+               Attention attention = &lt::cpu::paged_decode_attention, const char* path = "auto") {
+  std::snprintf(g_case, sizeof g_case, "%s rows=%lld heads=%lld/%lld dim=%lld bs=%lld dtype=%d",
+                path, (ll)rows, (ll)heads, (ll)kv_heads, (ll)dim, (ll)block_size, (int)dtype);
   int64_t max_blocks = 1;
   for (int64_t c : contexts) max_blocks = std::max(max_blocks, (c + block_size - 1) / block_size + 1);
   const int64_t num_blocks = rows * max_blocks + 1;
@@ -132,15 +136,13 @@ void test_case(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64
   const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
   const size_t n_out = static_cast<size_t>(rows * heads * dim), es = element_size(dtype);
   std::vector<unsigned char> out((n_out + 8) * es, 0x7f), split((n_out + 8) * es, 0x7f);
-  lt::cpu::paged_decode_attention(data(q, dtype), data(k, dtype), data(v, dtype), dtype, rows,
-                                  heads, kv_heads, dim, num_blocks, block_size, tables.data(),
-                                  max_blocks, contexts.data(), scale, 0, rows * kv_heads,
-                                  out.data());
+  attention(data(q, dtype), data(k, dtype), data(v, dtype), dtype, rows, heads, kv_heads, dim,
+            num_blocks, block_size, tables.data(), max_blocks, contexts.data(), scale, 0,
+            rows * kv_heads, out.data());
   for (int64_t begin = 0; begin < rows * kv_heads; begin += 3) {  // ranges of 3 items
-    lt::cpu::paged_decode_attention(data(q, dtype), data(k, dtype), data(v, dtype), dtype, rows,
-                                    heads, kv_heads, dim, num_blocks, block_size, tables.data(),
-                                    max_blocks, contexts.data(), scale, begin,
-                                    std::min(begin + 3, rows * kv_heads), split.data());
+    attention(data(q, dtype), data(k, dtype), data(v, dtype), dtype, rows, heads, kv_heads, dim,
+              num_blocks, block_size, tables.data(), max_blocks, contexts.data(), scale, begin,
+              std::min(begin + 3, rows * kv_heads), split.data());
   }
   size_t guard_bad = 0;
   for (size_t i = n_out * es; i < out.size(); ++i) guard_bad += out[i] != 0x7f;
@@ -213,6 +215,23 @@ int main() {
     test_case(4, 8, 2, 33, 16, {97, 1, 16, 200}, dtype);
     test_case(7, 2, 2, 8, 1, {7, 1, 3, 2, 5, 6, 4}, dtype);  // block size 1
     test_case(0, 4, 2, 8, 4, {}, dtype);  // no rows
+  }
+  // float32 with head_dim % 8 == 0: the AVX2 + FMA path where the CPU has it (pairs of
+  // heads and a lone one, 4-key blocks and their tail, 32-column chunks and 8-column ones)
+  // and the portable loops, each against the reference
+  std::printf("paged attention: %s path\n",
+              lt::cpu::paged_attention_vectorised() ? "AVX2+FMA" : "portable");
+  const std::pair<Attention, const char*> paths[] = {
+      {&lt::cpu::paged_decode_attention, "auto"},
+      {&lt::cpu::paged_decode_attention_portable, "portable"}};
+  for (const auto& [attention, path] : paths) {
+    const lt::DType f32 = lt::DType::kFloat32;
+    test_case(1, 1, 1, 8, 4, {1}, f32, attention, path);
+    test_case(3, 4, 2, 32, 16, {1, 5, 97}, f32, attention, path);  // pairs of heads
+    test_case(2, 3, 1, 40, 16, {17, 33}, f32, attention, path);  // a pair and a lone head
+    test_case(4, 16, 2, 64, 16, {7, 64, 16, 130}, f32, attention, path);  // group 8
+    test_case(2, 8, 4, 128, 8, {200, 3}, f32, attention, path);
+    test_case(5, 2, 2, 16, 1, {7, 1, 3, 2, 5}, f32, attention, path);  // block size 1
   }
   test_invalid_arguments();
   return livethinking::test::report();
