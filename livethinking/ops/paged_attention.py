@@ -9,8 +9,8 @@ each row reads only its own context; no host sync, so CUDA graphs can capture it
 the C++ op ``torch.ops.livethinking.paged_decode_attention`` (``csrc/cpu``): the same
 in-place reads, two passes over each row's context per kv head, fp32 sums (fp64 for fp64),
 threads over (row, kv head), an AVX2 + FMA path for float32 with head_dim % 8 == 0; with
-the pool read from memory as at decode it is 3.4-7× the gather + SDPA below at 64-256 rows
-× 64 tokens (``benchmarks/bench_paged_attention.py``). ``use_kernel=False`` is that PyTorch path: gather every row's
+the pool read from memory as at decode it measured 3.4-9.1× the gather + SDPA below at
+16-256 rows × 64-512 tokens (``benchmarks/bench_paged_attention.py``). ``use_kernel=False`` is that PyTorch path: gather every row's
 blocks, mask the keys at or past its context (zeroed, so whatever the pool holds there —
 stale, NaN — never reaches the output) and one SDPA; ``use_kernel=True`` runs the Triton
 kernel on CPU too, under the Triton interpreter. No path has a backward (inference only).
