@@ -228,8 +228,8 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
 }
 
 #ifdef LT_HAVE_AVX2_PATH
-// The float32 path for head_dim % 8 == 0 on CPUs with AVX2 + FMA, one (row, kv head)
-// item at a time. Scores: four keys against up to two query heads at once, eight
+// The float32 path for head_dim % 8 == 0 on CPUs with AVX2 + FMA, items in runs of one
+// row as in attend_items. Scores: four keys against up to two query heads at once, eight
 // accumulators of eight lanes, the four keys' lanes reduced together (three horizontal
 // adds for four scores). Weighted sum: the output of up to two heads, 32 columns at a
 // time, held in eight registers while the keys' values stream past. The same two
