@@ -9,7 +9,8 @@
 // softmax: the scores fit in a small buffer (heads * context) and each pass is a simple,
 // vectorisable loop. The dot products keep eight independent partial sums, which the
 // compiler turns into vector lanes without any reassociation flag (the order is fixed),
-// and the next block is prefetched (a sequence's blocks lie anywhere in the pool).
+// and the next block is prefetched into L2 (a sequence's blocks lie anywhere in the
+// pool), as is the next run's first keys while this run's values stream past.
 // float32 with head_dim % 8 == 0 takes an AVX2 + FMA path (attend_items_avx2) on CPUs
 // that have it: the same passes with the products blocked in registers.
 #include <algorithm>
@@ -102,18 +103,42 @@ const Acc* load_row(const T* src, int64_t n, Acc* buffer) {
 
 // Asks for the cache lines of one kv head's part of a block's slots ahead of use: a
 // sequence's blocks lie anywhere in the pool, so the hardware prefetcher (which follows
-// sequential addresses) cannot see the next block coming.
+// sequential addresses) cannot see the next block coming. Into L2 (locality 2, T1), not
+// L1: a block of keys or values is as large as L1 itself (16 KiB for 4 kv heads of 64),
+// and asking for L1 evicted the block being read (from memory that took 1.1-1.4x as long).
 template <typename T>
 void prefetch_block(const T* first_slot, int64_t slots, int64_t slot_stride, int64_t dim) {
 #if defined(__GNUC__) || defined(__clang__)
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < slots; ++i) {
     const char* p = reinterpret_cast<const char*>(first_slot + i * slot_stride);
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
   }
 #else
   (void)first_slot, (void)slots, (void)slot_stride, (void)dim;
 #endif
+}
+
+// The first keys of the run that starts at `item` (if it is before `item_end`), up to
+// kNextRunBytes of them, asked for while the current run's values are summed: a row's
+// first block is otherwise fetched only when its score pass reaches it.
+constexpr int64_t kNextRunBytes = 96 * 1024;  // within L2 (1 MiB or more) with the blocks in use
+
+template <typename T>
+void prefetch_next_run(const T* k_pool, int64_t num_kv_heads, int64_t dim, int64_t block_size,
+                       const int64_t* block_tables, int64_t max_blocks,
+                       const int64_t* context_lens, int64_t item, int64_t item_end) {
+  if (item >= item_end) return;
+  const int64_t row = item / num_kv_heads, first_head = item % num_kv_heads;
+  const int64_t kv_heads = std::min(num_kv_heads, first_head + (item_end - item)) - first_head;
+  const int64_t slot_stride = num_kv_heads * dim, ctx = context_lens[row];
+  const int64_t block_bytes = block_size * kv_heads * dim * static_cast<int64_t>(sizeof(T));
+  const int64_t blocks = std::max<int64_t>(1, kNextRunBytes / std::max<int64_t>(block_bytes, 1));
+  const int64_t* table = block_tables + row * max_blocks;  // ids checked before the sweep
+  for (int64_t b = 0, first = 0; b < blocks && first < ctx; ++b, first += block_size) {
+    prefetch_block(k_pool + table[b] * block_size * slot_stride + first_head * dim,
+                   std::min(block_size, ctx - first), slot_stride, kv_heads * dim);
+  }
 }
 
 [[noreturn]] void block_error(int64_t row, int64_t index, int64_t value, int64_t num_blocks) {
@@ -203,6 +228,8 @@ LT_VECTOR_CLONES void attend_items(const T* q, const T* k_pool, const T* v_pool,
       normaliser[h] = sum(sh, ctx);
     }
     // Pass 2: sums[h] = sum_s weight[h, s] v_s.
+    prefetch_next_run(k_pool, num_kv_heads, dim, block_size, block_tables, max_blocks,
+                      context_lens, item, item_end);
     std::fill(sums.begin(), sums.begin() + heads * dim, Acc{0});
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
       const T* values = v_pool + table[b] * block_size * slot_stride + first_head * dim;
@@ -375,6 +402,8 @@ LT_AVX2 void attend_items_avx2(const float* q, const float* k_pool, const float*
       normaliser[h] = sum(sh, ctx);
     }
     // Pass 2: sums[h] = Σ_s weight[h, s] v_s.
+    prefetch_next_run(k_pool, num_kv_heads, dim, block_size, block_tables, max_blocks,
+                      context_lens, item, item_end);
     std::fill(sums.begin(), sums.begin() + heads * dim, 0.0f);
     for (int64_t b = 0, first = 0; first < ctx; ++b, first += block_size) {
       const float* values = v_pool + table[b] * block_size * slot_stride + offset;

@@ -3,9 +3,10 @@
 // Columns go in tiles of 6 (up to 8 rows) or 24 weight rows. Within a tile, each block of
 // up to 4 rows of x meets the tile's weight rows three at a time: 12 accumulators of
 // eight lanes, one load of each weight row and of each x row per eight columns of depth.
-// The tile stays in L1/L2 across the row blocks; the next tile is prefetched, one cache
-// line per step of the inner loop, while this one is used (the weight streams from memory
-// once: at decode that is the whole cost). A product's eight lanes are added pairwise at
+// The tile stays in L1/L2 across the row blocks; the next tile is prefetched into L2
+// (T1; asking for L1 measured slower), one cache line per step of the inner loop, while
+// this one is used (the weight streams from memory once: at decode that is the whole
+// cost). A product's eight lanes are added pairwise at
 // the end, then the tail of the depth in order.
 //
 // MKL's sgemm on 1-4 rows runs at 26-49 % of the memory floor here (it packs
@@ -56,7 +57,7 @@ LT_AVX2 inline void micro_kernel(const SkinnyGemm& g, const float* x, const floa
   int64_t k = 0;
   for (; k + 8 <= depth; k += 8) {
     if (prefetch.next < prefetch.end) {
-      _mm_prefetch(prefetch.next, _MM_HINT_T0);
+      _mm_prefetch(prefetch.next, _MM_HINT_T1);
       prefetch.next += kCacheLine;
     }
     __m256 wv[NB];
@@ -101,7 +102,7 @@ LT_AVX2 void vector_columns(const SkinnyGemm& g, int64_t n_begin, int64_t n_end)
       default: break;
     }
     for (; prefetch.next < prefetch.end; prefetch.next += kCacheLine) {
-      _mm_prefetch(prefetch.next, _MM_HINT_T0);
+      _mm_prefetch(prefetch.next, _MM_HINT_T1);
     }
   }
 }
